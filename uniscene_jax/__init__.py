@@ -1,0 +1,1 @@
+"""uniscene-jax: multi-camera occupancy pre-training (UniScene) in JAX/Flax."""
