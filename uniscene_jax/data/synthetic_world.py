@@ -255,13 +255,14 @@ class _SceneWriter:
       tsec = j * KEY_INTERVAL_US / 1e6
       ego_xyz, ego_yaw = layout.ego_pose(tsec)
       centres = occ3d.voxel_centres_global(ego_xyz, ego_yaw)
-      mask_lidar = occ3d.lidar_mask(key_scans[max(0, j - 2) : j + 3], centres)
+      sem = occ3d.semantics(layout, tsec)
+      mask_lidar = occ3d.lidar_mask(key_scans[max(0, j - 2) : j + 3], ego_xyz, ego_yaw, sem)
       seen = np.zeros_like(mask_lidar)
       for cam, image, origin, yaw, *_ in key_views[j]:
         seen |= occ3d.camera_visible(image, cam, origin, yaw, centres)
       gt_path = f'gts/{self.name}/{sample["token"]}/labels.npz'
       files.write_npz_compressed(
-        os.path.join(self.root, 'nuscenes', gt_path), semantics=occ3d.semantics(layout, tsec),
+        os.path.join(self.root, 'nuscenes', gt_path), semantics=sem,
         mask_lidar=mask_lidar.astype(np.uint8), mask_camera=(seen & mask_lidar).astype(np.uint8))
       cams = {}
       for cam, _, _, _, filename, cam_ego_xyz, cam_ego_yaw in key_views[j]:

@@ -3,9 +3,10 @@
 The grid is Occ3D's: 200 x 200 x 16 voxels of 0.4 m over [-40, 40] x [-40, 40] x [-1, 5.4] m in the
 ego frame of the key frame, indexed [x, y, z]. Semantics are the world's exact geometry (a voxel
 takes the class of the last solid that overlaps it; the ground plane occupies the layer that holds
-z = 0). The masks come from visibility: a voxel is lidar-observed if some ray of the surrounding key
-frames' scans reaches it before its first return, and camera-observed if it is lidar-observed and
-in front of the depth of some current camera image.
+z = 0). The masks come from visibility, over the scans of the key frames within two of this one: a
+free voxel is lidar-observed if some ray reaches it before its first return, an occupied voxel if it
+holds a return; a voxel is camera-observed if it is lidar-observed and not behind the depth of some
+current camera image.
 """
 
 import numpy as np
@@ -69,11 +70,18 @@ def semantics(layout: SceneLayout, t: float) -> np.ndarray:
   return sem
 
 
-def lidar_mask(scans: list[sensors.LidarScan], centres: np.ndarray) -> np.ndarray:
-  """bool [X, Y, Z]: voxels reached by a ray of any scan before (or at) its first return."""
+def lidar_mask(scans: list[sensors.LidarScan], ego_xyz, ego_yaw, sem: np.ndarray) -> np.ndarray:
+  """bool [X, Y, Z]: lidar-observed voxels of the scans, as Occ3D defines them.
+
+  A free voxel is observed if some ray reaches it before (or at) its first return; an occupied
+  voxel is observed if it holds a return.
+  """
   elev = sensors.LIDAR_ELEVATIONS_DEG
   step = elev[1] - elev[0]
-  observed = np.zeros(centres.shape[:3], bool)
+  reached = np.zeros(SHAPE, bool)
+  returns = np.zeros(SHAPE, bool)
+  centres = voxel_centres_global(ego_xyz, ego_yaw)
+  rot = transforms.rotation_z(ego_yaw)
   for scan in scans:
     rel = centres - scan.origin
     rho = np.hypot(rel[..., 0], rel[..., 1])
@@ -84,8 +92,12 @@ def lidar_mask(scans: list[sensors.LidarScan], centres: np.ndarray) -> np.ndarra
     az = np.mod(np.arctan2(rel[..., 1], rel[..., 0]) - scan.yaw, 2 * np.pi)
     col = np.minimum((az / (2 * np.pi) * bins).astype(int), bins - 1)
     reach = scan.range_image[np.clip(ring, 0, len(elev) - 1), col]
-    observed |= ok & np.isfinite(reach) & (rho <= reach + DEPTH_SLACK)
-  return observed
+    reached |= ok & np.isfinite(reach) & (rho <= reach + DEPTH_SLACK)
+    pts = scan.points[:, :3].astype(np.float64) @ transforms.rotation_z(scan.yaw).T + scan.origin
+    idx = np.floor(((pts - ego_xyz) @ rot - LOW) / VOXEL).astype(int)
+    idx = idx[np.all((idx >= 0) & (idx < np.array(SHAPE)), 1)]
+    returns[tuple(idx.T)] = True
+  return np.where(sem == meta.OCC3D_FREE, reached, returns) | returns
 
 
 def camera_visible(image: sensors.CameraImage, cam: sensors.Camera, origin, yaw, centres):
