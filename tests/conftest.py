@@ -17,4 +17,6 @@ def synthetic_world_dir(tmp_path_factory):
 def nusc(synthetic_world_dir):
   from nuscenes.nuscenes import NuScenes
 
-  return NuScenes(version='v1.0-mini', dataroot=str(synthetic_world_dir / 'nuscenes'), verbose=False)
+  return NuScenes(
+    version='v1.0-mini', dataroot=str(synthetic_world_dir / 'nuscenes'), verbose=False
+  )

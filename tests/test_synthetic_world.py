@@ -119,7 +119,11 @@ def test_linkage_and_timing(nusc):
           assert owner['data'][channel] == c['token']
           assert abs(c['timestamp'] - owner['timestamp']) < 50_000
         else:  # a sweep belongs to the following key frame
-          assert nusc.get('sample', owner['prev'])['timestamp'] < c['timestamp'] < owner['timestamp'] + 50_000
+          assert (
+            nusc.get('sample', owner['prev'])['timestamp']
+            < c['timestamp']
+            < owner['timestamp'] + 50_000
+          )
         assert c['ego_pose_token'] == c['token']
         assert nusc.get('ego_pose', c['token'])['timestamp'] == c['timestamp']
     if channel == meta.LIDAR_NAME:
@@ -138,7 +142,8 @@ def test_linkage_and_timing(nusc):
     assert count == inst['nbr_annotations'] and ann['token'] == inst['last_annotation_token']
   cats = {nusc.get('category', i['category_token'])['name'] for i in nusc.instance}
   assert {meta.CATEGORY_TO_DETECTION[c] for c in cats if c in meta.CATEGORY_TO_DETECTION} == set(
-    meta.DETECTION_CLASSES)
+    meta.DETECTION_CLASSES
+  )
   assert {a['visibility_token'] for a in nusc.sample_annotation} >= {'1', '4'}
 
 
@@ -163,7 +168,9 @@ def test_boxes_land_on_their_colour(nusc):
         corners = view_points(box.corners(), intrinsic, normalize=True)[:2]
         if min(np.ptp(corners[0]), np.ptp(corners[1])) < 8:
           continue
-        u, v = np.round(view_points(box.center[:, None], intrinsic, normalize=True)[:2, 0]).astype(int)
+        u, v = np.round(view_points(box.center[:, None], intrinsic, normalize=True)[:2, 0]).astype(
+          int
+        )
         assert 0 <= u < w and 0 <= v < h
         hue, sat, _ = _hue_deg(rgb[v, u])
         diff = abs((hue - world.CLASS_HUES[det] + 180) % 360 - 180)
@@ -232,7 +239,9 @@ def test_occ3d_labels_agree_with_lidar(synthetic_world_dir, nusc):
       other = nusc.get('sample', token)['data'][meta.LIDAR_NAME]
       s2g_o, _ = _sensor_to_global(nusc, other)
       pc = LidarPointCloud.from_file(nusc.get_sample_data_path(other))
-      pts = (np.linalg.inv(e2g) @ s2g_o @ np.vstack([pc.points[:3], np.ones(pc.points.shape[1])]))[:3].T
+      pts = (np.linalg.inv(e2g) @ s2g_o @ np.vstack([pc.points[:3], np.ones(pc.points.shape[1])]))[
+        :3
+      ].T
       idx = np.floor((pts - low) / meta.OCC3D_VOXEL_SIZE).astype(int)
       idx = idx[np.all((idx >= 0) & (idx < np.array(meta.OCC3D_SHAPE)), 1)]
       hit[tuple(idx.T)] = True
@@ -250,16 +259,36 @@ def test_detection_eval_of_ground_truth_is_perfect(synthetic_world_dir, nusc, tm
   results = {}
   for token in gt.sample_tokens:
     results[token] = [
-      {'sample_token': token, 'translation': list(b.translation), 'size': list(b.size),
-       'rotation': list(b.rotation), 'velocity': list(b.velocity), 'detection_name': b.detection_name,
-       'detection_score': 1.0, 'attribute_name': b.attribute_name}
-      for b in gt[token] if b.num_pts > 0]
-  meta_info = {'use_camera': True, 'use_lidar': False, 'use_radar': False, 'use_map': False,
-               'use_external': False}
+      {
+        'sample_token': token,
+        'translation': list(b.translation),
+        'size': list(b.size),
+        'rotation': list(b.rotation),
+        'velocity': list(b.velocity),
+        'detection_name': b.detection_name,
+        'detection_score': 1.0,
+        'attribute_name': b.attribute_name,
+      }
+      for b in gt[token]
+      if b.num_pts > 0
+    ]
+  meta_info = {
+    'use_camera': True,
+    'use_lidar': False,
+    'use_radar': False,
+    'use_map': False,
+    'use_external': False,
+  }
   path = tmp_path / 'results.json'
   path.write_text(json.dumps({'meta': meta_info, 'results': results}))
-  evaluator = DetectionEval(nusc, config_factory('detection_cvpr_2019'), str(path), 'mini_val',
-                            str(tmp_path / 'eval'), verbose=False)
+  evaluator = DetectionEval(
+    nusc,
+    config_factory('detection_cvpr_2019'),
+    str(path),
+    'mini_val',
+    str(tmp_path / 'eval'),
+    verbose=False,
+  )
   summary = evaluator.main(plot_examples=0, render_curves=False)
   assert summary['mean_ap'] >= 0.99
   assert summary['nd_score'] >= 0.99
@@ -277,8 +306,14 @@ def _digest(root):
   return h.hexdigest()
 
 
-SMALL = dict(num_scenes=1, samples_per_scene=3, image_size=(96, 54), lidar_sweeps=1,
-             camera_sweeps=0, lidar_azimuth_bins=180)
+SMALL = dict(
+  num_scenes=1,
+  samples_per_scene=3,
+  image_size=(96, 54),
+  lidar_sweeps=1,
+  camera_sweeps=0,
+  lidar_azimuth_bins=180,
+)
 
 
 def test_same_seed_same_bytes_and_safe_output(tmp_path):

@@ -154,14 +154,27 @@ CATEGORY_TO_OCC3D = {
 }
 
 # Messages of the CAN bus expansion (the devkit's NuScenesCanBus names).
-CAN_MESSAGES = ('ms_imu', 'pose', 'steeranglefeedback', 'vehicle_monitor', 'zoesensors', 'zoe_veh_info')
+CAN_MESSAGES = (
+  'ms_imu',
+  'pose',
+  'steeranglefeedback',
+  'vehicle_monitor',
+  'zoesensors',
+  'zoe_veh_info',
+)
 
 # Scene numbers the CAN bus API refuses ("no CAN bus data").
 CAN_BLACKLIST = tuple(range(161, 169)) + tuple(range(170, 177)) + tuple(range(309, 315))
 
-# The devkit's predefined mini splits (nuscenes.utils.splits); DetectionEval selects samples by name.
+# The devkit's predefined mini splits (nuscenes.utils.splits): DetectionEval selects by scene name.
 MINI_TRAIN_SCENES = (
-  'scene-0061', 'scene-0553', 'scene-0655', 'scene-0757', 'scene-0796', 'scene-1077', 'scene-1094',
+  'scene-0061',
+  'scene-0553',
+  'scene-0655',
+  'scene-0757',
+  'scene-0796',
+  'scene-1077',
+  'scene-1094',
   'scene-1100',
 )
 MINI_VAL_SCENES = ('scene-0103', 'scene-0916')

@@ -3,12 +3,12 @@ r"""Writes the embedded synthetic world in the exact nuScenes on-disk format.
     python -m uniscene_jax.data.synthetic_world --out DIR [--num_scenes N] \
         [--samples_per_scene K] [--image_size W,H] [--seed S] [--overwrite]
 
-DIR/nuscenes/ is a nuScenes dataroot (version folder v1.0-mini with the 13 tables, samples/, sweeps/,
-maps/), with Occ3D labels (gts/<scene>/<sample>/labels.npz, annotations.json); DIR/can_bus/ holds the
-CAN bus expansion. Every sensor observes one geometric world per scene, so lidar points, camera
-pixels, annotation boxes and voxel labels agree. DIR/synthetic_world.json records how it was made
-(`load_layouts` rebuilds the geometry from it). The tree is written under a temporary name and
-renamed when complete.
+DIR/nuscenes/ is a nuScenes dataroot (version folder v1.0-mini with the 13 tables, samples/,
+sweeps/, maps/), with Occ3D labels (gts/<scene>/<sample>/labels.npz, annotations.json);
+DIR/can_bus/ holds the CAN bus expansion. Every sensor observes one geometric world per scene,
+so lidar points, camera pixels, annotation boxes and voxel labels agree.
+DIR/synthetic_world.json records how it was made (`load_layouts` rebuilds the geometry from it).
+The tree is written under a temporary name and renamed when complete.
 """
 
 import argparse
@@ -29,8 +29,18 @@ KEY_INTERVAL_US = 500_000
 BASE_TIME_US = 1_532_402_927_647_951
 SCENE_SPACING_US = 120_000_000
 MAX_LAYOUT_ATTEMPTS = 8
-CLASS_RANGE = {'car': 50, 'truck': 50, 'bus': 50, 'trailer': 50, 'construction_vehicle': 50,
-               'pedestrian': 40, 'motorcycle': 40, 'bicycle': 40, 'traffic_cone': 30, 'barrier': 30}
+CLASS_RANGE = {
+  'car': 50,
+  'truck': 50,
+  'bus': 50,
+  'trailer': 50,
+  'construction_vehicle': 50,
+  'pedestrian': 40,
+  'motorcycle': 40,
+  'bicycle': 40,
+  'traffic_cone': 30,
+  'barrier': 30,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +63,20 @@ def scene_names(options: WorldOptions) -> list[str]:
   elif options.version == 'v1.0-trainval':
     from nuscenes.utils import splits
 
-    train, val = list(splits.train), list(splits.val)
+    def usable(names):  # the CAN bus API refuses blacklisted scene numbers
+      return [n for n in names if int(n[-4:]) not in meta.CAN_BLACKLIST]
+
+    train, val = usable(splits.train), usable(splits.val)
   else:
     raise ValueError(f'--version: expected v1.0-mini or v1.0-trainval, got {options.version!r}')
   names = []
   for i in range(options.num_scenes):
     pool = val if (i % 2 == 1 and val) or not train else train
     if not pool:
-      raise ValueError(f'--num_scenes={options.num_scenes}: {options.version} has only '
-                       f'{len(meta.MINI_TRAIN_SCENES) + len(meta.MINI_VAL_SCENES)} scene names')
+      raise ValueError(
+        f'--num_scenes={options.num_scenes}: {options.version} has only '
+        f'{len(meta.MINI_TRAIN_SCENES) + len(meta.MINI_VAL_SCENES)} scene names'
+      )
     names.append(pool.pop(0))
   return names
 
@@ -99,7 +114,9 @@ def _timeline(options: WorldOptions) -> dict[str, list[tuple[int, bool]]]:
     lidar.append((j * KEY_INTERVAL_US, True))
     if j + 1 < n:
       step = KEY_INTERVAL_US / (options.lidar_sweeps + 1)
-      lidar += [(j * KEY_INTERVAL_US + round(m * step), False) for m in range(1, options.lidar_sweeps + 1)]
+      lidar += [
+        (j * KEY_INTERVAL_US + round(m * step), False) for m in range(1, options.lidar_sweeps + 1)
+      ]
   out[meta.LIDAR_NAME] = lidar
   for cam in meta.CAMERA_NAMES:
     off = sensors.CAMERA_OFFSET_US[cam]
@@ -108,8 +125,10 @@ def _timeline(options: WorldOptions) -> dict[str, list[tuple[int, bool]]]:
       frames.append((j * KEY_INTERVAL_US + off, True))
       if j + 1 < n:
         step = KEY_INTERVAL_US / (options.camera_sweeps + 1)
-        frames += [(j * KEY_INTERVAL_US + off + round(m * step), False)
-                   for m in range(1, options.camera_sweeps + 1)]
+        frames += [
+          (j * KEY_INTERVAL_US + off + round(m * step), False)
+          for m in range(1, options.camera_sweeps + 1)
+        ]
     out[cam] = frames
   return out
 
@@ -126,8 +145,10 @@ class _SceneWriter:
     """A layout whose key frames see every detection class in range with lidar points."""
     for attempt in range(MAX_LAYOUT_ATTEMPTS):
       layout = make_layout(self.options, self.index, attempt)
-      scans = [sensors.lidar_scan(layout, j * KEY_INTERVAL_US / 1e6, self.options.lidar_azimuth_bins)
-               for j in range(self.options.samples_per_scene)]
+      scans = [
+        sensors.lidar_scan(layout, j * KEY_INTERVAL_US / 1e6, self.options.lidar_azimuth_bins)
+        for j in range(self.options.samples_per_scene)
+      ]
       counts = [self.points_in_boxes(layout, j, s) for j, s in enumerate(scans)]
       covered = set()
       for j, c in enumerate(counts):
@@ -140,8 +161,10 @@ class _SceneWriter:
             covered.add(det)
       if len(covered) == len(meta.DETECTION_CLASSES):
         return layout, attempt, scans, counts
-    raise RuntimeError(f'scene {self.name}: no layout with every detection class visible '
-                       f'after {MAX_LAYOUT_ATTEMPTS} attempts (seed {self.options.seed})')
+    raise RuntimeError(
+      f'scene {self.name}: no layout with every detection class visible '
+      f'after {MAX_LAYOUT_ATTEMPTS} attempts (seed {self.options.seed})'
+    )
 
   @staticmethod
   def points_in_boxes(layout, j, scan) -> np.ndarray:
@@ -159,7 +182,9 @@ class _SceneWriter:
     ly = -rel[..., 0] * s + rel[..., 1] * c
     lz = z[:, None] - boxes.centre[None, tracks, 2]
     eps = 1e-3
-    inside = (np.abs(lx) <= boxes.size[tracks, 1] / 2 + eps) & (np.abs(ly) <= boxes.size[tracks, 0] / 2 + eps)
+    inside = (np.abs(lx) <= boxes.size[tracks, 1] / 2 + eps) & (
+      np.abs(ly) <= boxes.size[tracks, 0] / 2 + eps
+    )
     inside &= np.abs(lz) <= boxes.size[tracks, 2] / 2 + eps
     return inside.sum(0)
 
@@ -172,14 +197,27 @@ class _SceneWriter:
     t['log'].append(log)
     scene_token = tok('scene', name)
     n = opts.samples_per_scene
-    samples = [{'token': tok('sample', name, j), 'timestamp': start + j * KEY_INTERVAL_US,
-                'scene_token': scene_token} for j in range(n)]
+    samples = [
+      {
+        'token': tok('sample', name, j),
+        'timestamp': start + j * KEY_INTERVAL_US,
+        'scene_token': scene_token,
+      }
+      for j in range(n)
+    ]
     tables.link_chain(samples)
     t['sample'] += samples
-    t['scene'].append({
-      'token': scene_token, 'log_token': log['token'], 'nbr_samples': n, 'name': name,
-      'first_sample_token': samples[0]['token'], 'last_sample_token': samples[-1]['token'],
-      'description': f'Synthetic scene {self.index}, seed {opts.seed}.'})
+    t['scene'].append(
+      {
+        'token': scene_token,
+        'log_token': log['token'],
+        'nbr_samples': n,
+        'name': name,
+        'first_sample_token': samples[0]['token'],
+        'last_sample_token': samples[-1]['token'],
+        'description': f'Synthetic scene {self.index}, seed {opts.seed}.',
+      }
+    )
 
     key_views = [[] for _ in range(n)]  # j -> [(camera, image, origin, yaw, sample_data token)]
     for channel, frames in _timeline(opts).items():
@@ -203,16 +241,27 @@ class _SceneWriter:
         else:
           filename = f'{folder}/{channel}/{log["logfile"]}__{channel}__{utime}.jpg'
           image = sensors.render(layout, tsec, cam)
-          files.write_jpeg(os.path.join(self.root, 'nuscenes', filename), image.rgb, opts.jpeg_quality)
+          files.write_jpeg(
+            os.path.join(self.root, 'nuscenes', filename), image.rgb, opts.jpeg_quality
+          )
           width, height = cam.width, cam.height
           if key:
             origin = sensors.sensor_origin(ego_xyz, ego_yaw, cam.translation)
             key_views[j].append((cam, image, origin, ego_yaw + cam.yaw, filename, ego_xyz, ego_yaw))
-        chain.append({
-          'token': token, 'sample_token': samples[j]['token'], 'ego_pose_token': token,
-          'calibrated_sensor_token': calib[channel]['token'], 'timestamp': utime,
-          'fileformat': 'pcd' if is_lidar else 'jpg', 'is_key_frame': key, 'height': height,
-          'width': width, 'filename': filename})
+        chain.append(
+          {
+            'token': token,
+            'sample_token': samples[j]['token'],
+            'ego_pose_token': token,
+            'calibrated_sensor_token': calib[channel]['token'],
+            'timestamp': utime,
+            'fileformat': 'pcd' if is_lidar else 'jpg',
+            'is_key_frame': key,
+            'height': height,
+            'width': width,
+            'filename': filename,
+          }
+        )
       tables.link_chain(chain)
       t['sample_data'] += chain
 
@@ -234,20 +283,32 @@ class _SceneWriter:
         first = sum(int(v[1].rays_first[inst.track]) for v in key_views[j])
         frac = first / through if through else 0.0
         level = 1 + int(frac >= 0.4) + int(frac >= 0.6) + int(frac >= 0.8)
-        w, l, h = (float(v) for v in boxes.size[inst.track])
-        chain.append({
-          'token': tok('sample_annotation', self.name, i, j), 'sample_token': sample['token'],
-          'instance_token': inst_token, 'visibility_token': str(level),
-          'attribute_tokens': [tok('attribute', inst.attribute)] if inst.attribute else [],
-          'translation': [float(v) for v in boxes.centre[inst.track]], 'size': [w, l, h],
-          'rotation': tables.transforms.yaw_quaternion(float(boxes.yaw[inst.track])),
-          'num_lidar_pts': int(counts[j][i]), 'num_radar_pts': 0})
+        wlh = [float(v) for v in boxes.size[inst.track]]
+        chain.append(
+          {
+            'token': tok('sample_annotation', self.name, i, j),
+            'sample_token': sample['token'],
+            'instance_token': inst_token,
+            'visibility_token': str(level),
+            'attribute_tokens': [tok('attribute', inst.attribute)] if inst.attribute else [],
+            'translation': [float(v) for v in boxes.centre[inst.track]],
+            'size': wlh,
+            'rotation': tables.transforms.yaw_quaternion(float(boxes.yaw[inst.track])),
+            'num_lidar_pts': int(counts[j][i]),
+            'num_radar_pts': 0,
+          }
+        )
       tables.link_chain(chain)
       t['sample_annotation'] += chain
-      t['instance'].append({
-        'token': inst_token, 'category_token': tok('category', inst.category),
-        'nbr_annotations': len(chain), 'first_annotation_token': chain[0]['token'],
-        'last_annotation_token': chain[-1]['token']})
+      t['instance'].append(
+        {
+          'token': inst_token,
+          'category_token': tok('category', inst.category),
+          'nbr_annotations': len(chain),
+          'first_annotation_token': chain[0]['token'],
+          'last_annotation_token': chain[-1]['token'],
+        }
+      )
 
   def _occ3d(self, layout, samples, key_scans, key_views, calib) -> dict:
     infos = {}
@@ -262,21 +323,35 @@ class _SceneWriter:
         seen |= occ3d.camera_visible(image, cam, origin, yaw, centres)
       gt_path = f'gts/{self.name}/{sample["token"]}/labels.npz'
       files.write_npz_compressed(
-        os.path.join(self.root, 'nuscenes', gt_path), semantics=sem,
-        mask_lidar=mask_lidar.astype(np.uint8), mask_camera=(seen & mask_lidar).astype(np.uint8))
+        os.path.join(self.root, 'nuscenes', gt_path),
+        semantics=sem,
+        mask_lidar=mask_lidar.astype(np.uint8),
+        mask_camera=(seen & mask_lidar).astype(np.uint8),
+      )
       cams = {}
       for cam, _, _, _, filename, cam_ego_xyz, cam_ego_yaw in key_views[j]:
         cams[cam.channel] = {
-          'img_path': filename, 'intrinsics': cam.intrinsic.tolist(),
-          'extrinsic': {'translation': calib[cam.channel]['translation'],
-                        'rotation': calib[cam.channel]['rotation']},
-          'ego_pose': {k: v for k, v in tables.ego_pose_record('', 0, cam_ego_xyz, cam_ego_yaw).items()
-                       if k in ('translation', 'rotation')}}
+          'img_path': filename,
+          'intrinsics': cam.intrinsic.tolist(),
+          'extrinsic': {
+            'translation': calib[cam.channel]['translation'],
+            'rotation': calib[cam.channel]['rotation'],
+          },
+          'ego_pose': {
+            k: v
+            for k, v in tables.ego_pose_record('', 0, cam_ego_xyz, cam_ego_yaw).items()
+            if k in ('translation', 'rotation')
+          },
+        }
       pose = tables.ego_pose_record('', 0, ego_xyz, ego_yaw)
       infos[sample['token']] = {
-        'timestamp': str(sample['timestamp']), 'camera_sensor': cams,
+        'timestamp': str(sample['timestamp']),
+        'camera_sensor': cams,
         'ego_pose': {'translation': pose['translation'], 'rotation': pose['rotation']},
-        'gt_path': gt_path, 'prev': sample['prev'], 'next': sample['next']}
+        'gt_path': gt_path,
+        'prev': sample['prev'],
+        'next': sample['next'],
+      }
     return infos
 
 
@@ -287,9 +362,13 @@ def _map_png(layouts: list[world.SceneLayout]) -> np.ndarray:
   for layout in layouts:
     ox, oy = np.round(layout.road.xy(0.0, 0.0)).astype(int)
     x0, y0 = max(0, ox - 200), max(0, oy - 200)
-    xs, ys = np.meshgrid(np.arange(x0, min(size, ox + 200)) + 0.5, np.arange(y0, min(size, oy + 200)) + 0.5)
+    xs, ys = np.meshgrid(
+      np.arange(x0, min(size, ox + 200)) + 0.5, np.arange(y0, min(size, oy + 200)) + 0.5
+    )
     road = layout.road.ground_class(np.stack([xs, ys], -1)) == 11
-    mask[y0 : y0 + road.shape[0], x0 : x0 + road.shape[1]] |= np.where(road, 255, 0).astype(np.uint8)
+    mask[y0 : y0 + road.shape[0], x0 : x0 + road.shape[1]] |= np.where(road, 255, 0).astype(
+      np.uint8
+    )
   return mask
 
 
@@ -345,8 +424,14 @@ def _write_tree(root: str, options: WorldOptions) -> dict:
   map_token = tok('map', tables.LOCATION)
   map_file = f'maps/{map_token}.png'
   files.write_png(os.path.join(root, 'nuscenes', map_file), _map_png(layouts))
-  t['map'] = [{'token': map_token, 'log_tokens': [log['token'] for log in t['log']],
-               'category': 'semantic_prior', 'filename': map_file}]
+  t['map'] = [
+    {
+      'token': map_token,
+      'log_tokens': [log['token'] for log in t['log']],
+      'category': 'semantic_prior',
+      'filename': map_file,
+    }
+  ]
   for table, records in t.items():
     files.write_json(os.path.join(root, 'nuscenes', options.version, f'{table}.json'), records)
   train = set(meta.MINI_TRAIN_SCENES) if options.version == 'v1.0-mini' else None
@@ -354,10 +439,14 @@ def _write_tree(root: str, options: WorldOptions) -> dict:
     from nuscenes.utils import splits
 
     train = set(splits.train)
-  files.write_json(os.path.join(root, 'nuscenes', 'annotations.json'), {
-    'train_split': [n for n in names if n in train],
-    'val_split': [n for n in names if n not in train],
-    'scene_infos': occ_infos})
+  files.write_json(
+    os.path.join(root, 'nuscenes', 'annotations.json'),
+    {
+      'train_split': [n for n in names if n in train],
+      'val_split': [n for n in names if n not in train],
+      'scene_infos': occ_infos,
+    },
+  )
   summary = {'options': dataclasses.asdict(options), 'scenes': scenes}
   files.write_json(os.path.join(root, 'synthetic_world.json'), summary)
   return summary
@@ -367,7 +456,9 @@ def _parse_size(text: str) -> tuple[int, int]:
   try:
     w, h = (int(v) for v in text.split(','))
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--image_size: expected W,H (e.g. 400,225), got {text!r}') from None
+    raise argparse.ArgumentTypeError(
+      f'--image_size: expected W,H (e.g. 400,225), got {text!r}'
+    ) from None
   return w, h
 
 
@@ -385,10 +476,15 @@ def main(argv=None) -> int:
   p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
   args = p.parse_args(argv)
   options = WorldOptions(
-    num_scenes=args.num_scenes, samples_per_scene=args.samples_per_scene,
-    image_size=args.image_size, seed=args.seed, version=args.version,
-    lidar_sweeps=args.lidar_sweeps, camera_sweeps=args.camera_sweeps,
-    lidar_azimuth_bins=args.lidar_azimuth_bins)
+    num_scenes=args.num_scenes,
+    samples_per_scene=args.samples_per_scene,
+    image_size=args.image_size,
+    seed=args.seed,
+    version=args.version,
+    lidar_sweeps=args.lidar_sweeps,
+    camera_sweeps=args.camera_sweeps,
+    lidar_azimuth_bins=args.lidar_azimuth_bins,
+  )
   start = time.time()
   try:
     summary = write_world(args.out, options, overwrite=args.overwrite)
@@ -396,8 +492,10 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   n = len(summary['scenes'])
-  print(f'wrote {n} scenes x {options.samples_per_scene} samples to {os.path.abspath(args.out)} '
-        f'in {time.time() - start:.1f} s')
+  print(
+    f'wrote {n} scenes x {options.samples_per_scene} samples to {os.path.abspath(args.out)} '
+    f'in {time.time() - start:.1f} s'
+  )
   return 0
 
 

@@ -31,7 +31,9 @@ def write_npz_compressed(path: str, **arrays: np.ndarray) -> None:
 
 
 def write_jpeg(path: str, rgb: np.ndarray, quality: int) -> None:
-  ok, data = cv2.imencode('.jpg', np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+  ok, data = cv2.imencode(
+    '.jpg', np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality]
+  )
   if not ok:
     raise RuntimeError(f'JPEG encoding failed for {path}')
   _write_bytes(path, data.tobytes())

@@ -73,8 +73,12 @@ def cast(origin, col_dir, row_slope, boxes: Boxes, max_lam=np.inf, chunk=4_000_0
   rel = origin[:2] - boxes.centre[:, :2]
   o_local = np.stack([rel[:, 0] * cos + rel[:, 1] * sin, -rel[:, 0] * sin + rel[:, 1] * cos], -1)
   d_local = np.stack(
-    [col_dir[:, None, 0] * cos + col_dir[:, None, 1] * sin,
-     -col_dir[:, None, 0] * sin + col_dir[:, None, 1] * cos], -1)  # [U, K, 2]
+    [
+      col_dir[:, None, 0] * cos + col_dir[:, None, 1] * sin,
+      -col_dir[:, None, 0] * sin + col_dir[:, None, 1] * cos,
+    ],
+    -1,
+  )  # [U, K, 2]
   half_len, half_wid = boxes.size[:, 1] / 2, boxes.size[:, 0] / 2
   near_x, far_x = _slab(o_local[None, :, 0], d_local[..., 0], half_len)
   near_y, far_y = _slab(o_local[None, :, 1], d_local[..., 1], half_wid)
@@ -82,7 +86,9 @@ def cast(origin, col_dir, row_slope, boxes: Boxes, max_lam=np.inf, chunk=4_000_0
   enter_x = near_x >= near_y
   bottom = boxes.centre[:, 2] - boxes.size[:, 2] / 2
   top = boxes.centre[:, 2] + boxes.size[:, 2] / 2
-  b_in, b_out = _slab(origin[2] - (bottom + top)[None] / 2, row_slope[:, None], (top - bottom)[None] / 2)
+  b_in, b_out = _slab(
+    origin[2] - (bottom + top)[None] / 2, row_slope[:, None], (top - bottom)[None] / 2
+  )
 
   # Only boxes whose footprint some column crosses in front of the sensor.
   seen = np.nonzero(((a_in <= a_out) & (a_out > 0)).any(0))[0]
@@ -120,11 +126,19 @@ def cast(origin, col_dir, row_slope, boxes: Boxes, max_lam=np.inf, chunk=4_000_0
   vv = np.broadcast_to(np.arange(num_v)[:, None], (num_v, num_u))
   ex = enter_x[uu, kk]
   dl = d_local[uu, kk]
-  side_local = np.where(ex[..., None], [1.0, 0.0], [0.0, 1.0]) * -np.sign(
-    np.where(ex, dl[..., 0], dl[..., 1]))[..., None]
+  side_local = (
+    np.where(ex[..., None], [1.0, 0.0], [0.0, 1.0])
+    * -np.sign(np.where(ex, dl[..., 0], dl[..., 1]))[..., None]
+  )
   c, s = cos[kk], sin[kk]
-  side = np.stack([side_local[..., 0] * c - side_local[..., 1] * s,
-                   side_local[..., 0] * s + side_local[..., 1] * c, np.zeros_like(c)], -1)
+  side = np.stack(
+    [
+      side_local[..., 0] * c - side_local[..., 1] * s,
+      side_local[..., 0] * s + side_local[..., 1] * c,
+      np.zeros_like(c),
+    ],
+    -1,
+  )
   vertical = np.zeros_like(side)
   vertical[..., 2] = -np.sign(row_slope)[vv]
   box_normal = np.where(top_face[..., None], vertical, side)

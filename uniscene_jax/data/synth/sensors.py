@@ -98,7 +98,8 @@ def lidar_scan(layout: SceneLayout, t: float, azimuth_bins: int) -> LidarScan:
   with np.errstate(invalid='ignore'):
     ray = np.nan_to_num(local / np.linalg.norm(local, axis=-1, keepdims=True))
   global_ray = np.concatenate(
-    [transforms.rotation_z(yaw)[None, None, :2, :2] @ ray[..., :2, None], ray[..., 2:, None]], -2)[..., 0]
+    [transforms.rotation_z(yaw)[None, None, :2, :2] @ ray[..., :2, None], ray[..., 2:, None]], -2
+  )[..., 0]
   cos_inc = np.abs((global_ray * hits.normal).sum(-1))
   refl = np.where(hits.index >= 0, layout.tracks.reflectivity[np.maximum(hits.index, 0)], 0.0)
   ground_xy = origin[:2] + lam[..., None] * col_dir[None]
@@ -136,7 +137,8 @@ def render(layout: SceneLayout, t: float, cam: Camera) -> CameraImage:
   finite = np.isfinite(lam)
   lam0 = np.where(finite, lam, 0.0)
   point = origin + np.concatenate(
-    [lam0[..., None] * col_dir[None], (-lam0 * y_n[:, None])[..., None]], -1)
+    [lam0[..., None] * col_dir[None], (-lam0 * y_n[:, None])[..., None]], -1
+  )
   on_box = hits.index >= 0
   kk = np.maximum(hits.index, 0)
   colour = layout.tracks.colour[kk].copy()

@@ -7,8 +7,19 @@ from uniscene_jax.data import nuscenes_meta as meta
 from uniscene_jax.data.synth import sensors, transforms
 
 TABLE_NAMES = (
-  'category', 'attribute', 'visibility', 'instance', 'sensor', 'calibrated_sensor', 'ego_pose',
-  'log', 'scene', 'sample', 'sample_data', 'sample_annotation', 'map',
+  'category',
+  'attribute',
+  'visibility',
+  'instance',
+  'sensor',
+  'calibrated_sensor',
+  'ego_pose',
+  'log',
+  'scene',
+  'sample',
+  'sample_data',
+  'sample_annotation',
+  'map',
 )
 LOCATION = 'singapore-onenorth'
 VEHICLE = 'n015'
@@ -29,14 +40,19 @@ class Tokens:
 def static_tables(tok: Tokens) -> dict[str, list[dict]]:
   """category (with lidarseg indices), attribute, visibility and sensor tables."""
   return {
-    'category': [{'token': tok('category', n), 'name': n, 'description': '', 'index': i}
-                 for i, n in enumerate(meta.CATEGORIES)],
-    'attribute': [{'token': tok('attribute', n), 'name': n, 'description': ''}
-                  for n in meta.ATTRIBUTES],
-    'visibility': [{'token': t, 'level': level, 'description': d}
-                   for t, level, d in meta.VISIBILITY_LEVELS],
-    'sensor': [{'token': tok('sensor', c), 'channel': c, 'modality': 'camera'}
-               for c in meta.CAMERA_NAMES]
+    'category': [
+      {'token': tok('category', n), 'name': n, 'description': '', 'index': i}
+      for i, n in enumerate(meta.CATEGORIES)
+    ],
+    'attribute': [
+      {'token': tok('attribute', n), 'name': n, 'description': ''} for n in meta.ATTRIBUTES
+    ],
+    'visibility': [
+      {'token': t, 'level': level, 'description': d} for t, level, d in meta.VISIBILITY_LEVELS
+    ],
+    'sensor': [
+      {'token': tok('sensor', c), 'channel': c, 'modality': 'camera'} for c in meta.CAMERA_NAMES
+    ]
     + [{'token': tok('sensor', meta.LIDAR_NAME), 'channel': meta.LIDAR_NAME, 'modality': 'lidar'}],
   }
 
@@ -75,8 +91,12 @@ def calibrated_sensors(tok: Tokens, scene_name: str, cameras) -> dict[str, dict]
 
 
 def ego_pose_record(token: str, utime: int, xyz, yaw: float) -> dict:
-  return {'token': token, 'timestamp': utime, 'rotation': transforms.yaw_quaternion(yaw),
-          'translation': [float(v) for v in xyz]}
+  return {
+    'token': token,
+    'timestamp': utime,
+    'rotation': transforms.yaw_quaternion(yaw),
+    'translation': [float(v) for v in xyz],
+  }
 
 
 def link_chain(records: list[dict]) -> None:

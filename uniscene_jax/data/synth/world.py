@@ -105,7 +105,9 @@ class Road:
     cell = np.floor(s / 0.8) * 7919.0 + np.floor(d / 0.8) * 104729.0
     jitter = 0.9 + 0.2 * (np.sin(cell) * 43758.5453 % 1.0)
     colour = colour * jitter[..., None]
-    groove = (cls == 13) & ((np.mod(s, 1.5) < 0.08) | (np.mod(np.abs(d) - ROAD_HALF_WIDTH, 1.5) < 0.08))
+    groove = (cls == 13) & (
+      (np.mod(s, 1.5) < 0.08) | (np.mod(np.abs(d) - ROAD_HALF_WIDTH, 1.5) < 0.08)
+    )
     colour[groove] *= 0.7
     # Lane markings: dashed centre line, solid edge lines.
     centre_line = (np.abs(d - ONCOMING_LANE / 2) < 0.08) & (np.mod(s, 9.0) < 4.5)
@@ -185,8 +187,13 @@ class SceneLayout:
     rel = points[:, None, :2] - boxes.centre[None, :, :2]
     c, s = np.cos(boxes.yaw), np.sin(boxes.yaw)
     local = np.stack(
-      [rel[..., 0] * c + rel[..., 1] * s, -rel[..., 0] * s + rel[..., 1] * c,
-       points[:, None, 2] - boxes.centre[None, :, 2]], -1)
+      [
+        rel[..., 0] * c + rel[..., 1] * s,
+        -rel[..., 0] * s + rel[..., 1] * c,
+        points[:, None, 2] - boxes.centre[None, :, 2],
+      ],
+      -1,
+    )
     half = np.stack([boxes.size[:, 1], boxes.size[:, 0], boxes.size[:, 2]], -1) / 2
     q = np.abs(local) - half
     outside = np.linalg.norm(np.maximum(q, 0.0), axis=-1)
@@ -220,28 +227,63 @@ class _Builder:
         return s
     return None
 
-  def add(self, s0, d, size, occ_class, colour, speed=0.0, yaw_offset=0.0, z0=0.0,
-          reflectivity=0.3, windows=False, category=None, attribute=''):
+  def add(
+    self,
+    s0,
+    d,
+    size,
+    occ_class,
+    colour,
+    speed=0.0,
+    yaw_offset=0.0,
+    z0=0.0,
+    reflectivity=0.3,
+    windows=False,
+    category=None,
+    attribute='',
+  ):
     instance = -1
     if category is not None:
       instance = len(self.instances)
       self.instances.append(Instance(category, attribute, len(self.rows)))
-    self.rows.append(dict(
-      s0=s0, speed=speed, lateral=d, yaw_offset=yaw_offset, size=size, z0=z0,
-      occ_class=occ_class, colour=colour, reflectivity=reflectivity, windows=windows,
-      instance=instance))
+    self.rows.append(
+      dict(
+        s0=s0,
+        speed=speed,
+        lateral=d,
+        yaw_offset=yaw_offset,
+        size=size,
+        z0=z0,
+        occ_class=occ_class,
+        colour=colour,
+        reflectivity=reflectivity,
+        windows=windows,
+        instance=instance,
+      )
+    )
 
   def add_object(self, category, s0, d, size, speed=0.0, yaw_offset=0.0, attribute=''):
     det = meta.CATEGORY_TO_DETECTION.get(category)
     colour = OTHERS_COLOUR if det is None else class_colour(det)
     shade = self.rng.uniform(0.85, 1.0)
-    self.add(s0, d, size, meta.CATEGORY_TO_OCC3D.get(category, 0), colour * shade, speed=speed,
-             yaw_offset=yaw_offset, reflectivity=0.5, category=category, attribute=attribute)
+    self.add(
+      s0,
+      d,
+      size,
+      meta.CATEGORY_TO_OCC3D.get(category, 0),
+      colour * shade,
+      speed=speed,
+      yaw_offset=yaw_offset,
+      reflectivity=0.5,
+      category=category,
+      attribute=attribute,
+    )
 
   def tracks(self) -> Tracks:
     cols = {k: np.array([r[k] for r in self.rows]) for k in self.rows[0]}
-    return Tracks(**{k: (v.astype(np.float64) if v.dtype.kind == 'f' else v)
-                     for k, v in cols.items()})
+    return Tracks(
+      **{k: (v.astype(np.float64) if v.dtype.kind == 'f' else v) for k, v in cols.items()}
+    )
 
 
 # Typical sizes (w, l, h) in metres.
@@ -279,10 +321,22 @@ def layout_scene(rng: np.random.Generator, origin_xy, duration: float) -> SceneL
   b = _Builder(rng)
 
   # Same-direction traffic ahead in the ego lane, at the ego's speed (constant gaps).
-  b.add_object('vehicle.car', float(rng.uniform(13, 18)), 0.0, _size(rng, 'vehicle.car'),
-               speed=speed, attribute='vehicle.moving')
-  b.add_object('vehicle.truck', float(rng.uniform(32, 40)), 0.0, _size(rng, 'vehicle.truck'),
-               speed=speed, attribute='vehicle.moving')
+  b.add_object(
+    'vehicle.car',
+    float(rng.uniform(13, 18)),
+    0.0,
+    _size(rng, 'vehicle.car'),
+    speed=speed,
+    attribute='vehicle.moving',
+  )
+  b.add_object(
+    'vehicle.truck',
+    float(rng.uniform(32, 40)),
+    0.0,
+    _size(rng, 'vehicle.truck'),
+    speed=speed,
+    attribute='vehicle.moving',
+  )
   # Oncoming convoy, one speed, spaced so that the bus meets the ego mid-scene.
   v_on = float(rng.uniform(4.0, 7.0))
   s = travel / 2 + v_on * duration / 2 + float(rng.uniform(-5, 5))
@@ -312,20 +366,38 @@ def layout_scene(rng: np.random.Generator, origin_xy, duration: float) -> SceneL
   # Construction vehicle on the left terrain, barriers along the right terrain edge.
   size = _size(rng, 'vehicle.construction')
   at = b.place('terrain_L', (5, 25), size[1])
-  b.add_object('vehicle.construction', at, 11.5, size, attribute='vehicle.parked',
-               yaw_offset=float(rng.uniform(-0.4, 0.4)))
+  b.add_object(
+    'vehicle.construction',
+    at,
+    11.5,
+    size,
+    attribute='vehicle.parked',
+    yaw_offset=float(rng.uniform(-0.4, 0.4)),
+  )
   at = b.place('terrain_R', (0, 15), 8.0)
   for i in range(int(rng.integers(2, 4))):
-    b.add_object('movable_object.barrier', at - 3 + 2.6 * i, -9.2,
-                 _size(rng, 'movable_object.barrier'), yaw_offset=np.pi / 2)
+    b.add_object(
+      'movable_object.barrier',
+      at - 3 + 2.6 * i,
+      -9.2,
+      _size(rng, 'movable_object.barrier'),
+      yaw_offset=np.pi / 2,
+    )
   # Sidewalks: walkers on the inner half (one speed per side), standing things on the outer half.
   for side, direction in ((-1.0, 1.0), (1.0, -1.0)):
     v_walk = float(rng.uniform(1.0, 1.6))
     for i in range(int(rng.integers(1, 4))):
       category = 'human.pedestrian.child' if i == 2 else 'human.pedestrian.adult'
       s0 = float(rng.uniform(0, 6)) + 7.0 * i + (6.0 if side > 0 else 0.0)
-      b.add_object(category, s0, side * 6.3, _size(rng, category), speed=direction * v_walk,
-                   yaw_offset=0.0 if direction > 0 else np.pi, attribute='pedestrian.moving')
+      b.add_object(
+        category,
+        s0,
+        side * 6.3,
+        _size(rng, category),
+        speed=direction * v_walk,
+        yaw_offset=0.0 if direction > 0 else np.pi,
+        attribute='pedestrian.moving',
+      )
   band_items = [
     ('walk_L', 1.0, 'vehicle.bicycle', (2, 18), 'cycle.without_rider'),
     ('walk_R', -1.0, 'vehicle.bicycle', (8, 30), 'cycle.without_rider'),
@@ -339,8 +411,9 @@ def layout_scene(rng: np.random.Generator, origin_xy, duration: float) -> SceneL
     at = b.place(band, s_range, size[1])
     if at is not None:
       d = side * (7.7 if band.startswith('walk') else 9.6)
-      b.add_object(category, at, d, size, attribute=attr,
-                   yaw_offset=float(rng.choice([0.0, np.pi])))
+      b.add_object(
+        category, at, d, size, attribute=attr, yaw_offset=float(rng.choice([0.0, np.pi]))
+      )
 
   # Trees on both terrain bands, buildings beyond.
   for side, band in ((-1.0, 'terrain_R'), (1.0, 'terrain_L')):
@@ -353,15 +426,30 @@ def layout_scene(rng: np.random.Generator, origin_xy, duration: float) -> SceneL
       trunk_h = float(rng.uniform(1.8, 2.8))
       crown = float(rng.uniform(2.5, 4.0))
       b.add(s, d, (0.35, 0.35, trunk_h), 16, TRUNK_COLOUR, reflectivity=0.2)
-      b.add(s, d, (crown, crown, float(rng.uniform(2.0, 3.5))), 16, CANOPY_COLOUR,
-            z0=trunk_h - 0.3, reflectivity=0.15, yaw_offset=float(rng.uniform(0, 1.5)))
+      b.add(
+        s,
+        d,
+        (crown, crown, float(rng.uniform(2.0, 3.5))),
+        16,
+        CANOPY_COLOUR,
+        z0=trunk_h - 0.3,
+        reflectivity=0.15,
+        yaw_offset=float(rng.uniform(0, 1.5)),
+      )
     s = -80.0
     while s < travel + 100:
       length, depth = float(rng.uniform(8, 22)), float(rng.uniform(8, 14))
       if rng.uniform() > 0.25:
         d = side * (float(rng.uniform(14.5, 18.0)) + depth / 2)
         tint = BUILDING_COLOUR * rng.uniform(0.8, 1.1)
-        b.add(s + length / 2, d, (depth, length, float(rng.uniform(5, 18))), 15, tint,
-              reflectivity=0.35, windows=True)
+        b.add(
+          s + length / 2,
+          d,
+          (depth, length, float(rng.uniform(5, 18))),
+          15,
+          tint,
+          reflectivity=0.35,
+          windows=True,
+        )
       s += length + float(rng.uniform(2, 8))
   return SceneLayout(road=road, ego_speed=speed, tracks=b.tracks(), instances=tuple(b.instances))
