@@ -12,8 +12,10 @@ The tree is written under a temporary name and renamed when complete.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -384,8 +386,13 @@ def _check(options: WorldOptions) -> None:
     raise ValueError('--lidar_sweeps and --camera_sweeps must be >= 0')
 
 
-def write_world(out: str, options: WorldOptions = WorldOptions(), overwrite: bool = False) -> dict:
-  """Writes the world to `out` (see the module docstring) and returns a summary."""
+def write_world(
+  out: str, options: WorldOptions = WorldOptions(), overwrite: bool = False, workers: int = 0
+) -> dict:
+  """Writes the world to `out` (see the module docstring) and returns a summary.
+
+  Scenes are written by `workers` processes (0: one per CPU core); the bytes do not depend on it.
+  """
   _check(options)
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
@@ -394,7 +401,7 @@ def write_world(out: str, options: WorldOptions = WorldOptions(), overwrite: boo
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
   try:
-    summary = _write_tree(tmp, options)
+    summary = _write_tree(tmp, options, workers or os.cpu_count() or 1)
     if os.path.exists(out):
       old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.old-', dir=parent)
       os.rename(out, os.path.join(old, 'x'))
@@ -408,19 +415,38 @@ def write_world(out: str, options: WorldOptions = WorldOptions(), overwrite: boo
   return summary
 
 
-def _write_tree(root: str, options: WorldOptions) -> dict:
+def _write_scene(job) -> tuple[dict, dict, dict]:
+  options, root, index, name = job
+  t = {name: [] for name in tables.TABLE_NAMES}
+  occ_infos: dict = {}
+  cameras = sensors.make_cameras(*options.image_size)
+  writer = _SceneWriter(options, tables.Tokens(options.seed), root, index, name, cameras)
+  summary = writer.write(t, occ_infos)
+  return t, occ_infos, summary
+
+
+def _write_tree(root: str, options: WorldOptions, workers: int) -> dict:
   tok = tables.Tokens(options.seed)
   t = {name: [] for name in tables.TABLE_NAMES}
   t.update(tables.static_tables(tok))
-  cameras = sensors.make_cameras(*options.image_size)
   names = scene_names(options)
+  jobs = [(options, root, i, name) for i, name in enumerate(names)]
+  workers = min(workers, len(jobs))
+  if workers > 1:
+    # Scenes are independent; spawned workers (not forked) are safe beside threaded libraries.
+    ctx = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      parts = list(pool.map(_write_scene, jobs))
+  else:
+    parts = [_write_scene(job) for job in jobs]
   occ_infos: dict = {}
   scenes = []
-  layouts = []
-  for i, name in enumerate(names):
-    writer = _SceneWriter(options, tok, root, i, name, cameras)
-    scenes.append(writer.write(t, occ_infos))
-    layouts.append(make_layout(options, i, scenes[-1]['layout_attempt']))
+  for part_tables, part_occ, summary in parts:  # merged in scene order: reproducible bytes
+    for table, records in part_tables.items():
+      t[table] += records
+    occ_infos.update(part_occ)
+    scenes.append(summary)
+  layouts = [make_layout(options, i, s['layout_attempt']) for i, s in enumerate(scenes)]
   map_token = tok('map', tables.LOCATION)
   map_file = f'maps/{map_token}.png'
   files.write_png(os.path.join(root, 'nuscenes', map_file), _map_png(layouts))
@@ -473,6 +499,7 @@ def main(argv=None) -> int:
   p.add_argument('--lidar_sweeps', type=int, default=WorldOptions.lidar_sweeps)
   p.add_argument('--camera_sweeps', type=int, default=WorldOptions.camera_sweeps)
   p.add_argument('--lidar_azimuth_bins', type=int, default=WorldOptions.lidar_azimuth_bins)
+  p.add_argument('--workers', type=int, default=0, help='processes (default: one per core)')
   p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
   args = p.parse_args(argv)
   options = WorldOptions(
@@ -487,7 +514,7 @@ def main(argv=None) -> int:
   )
   start = time.time()
   try:
-    summary = write_world(args.out, options, overwrite=args.overwrite)
+    summary = write_world(args.out, options, overwrite=args.overwrite, workers=args.workers)
   except (ValueError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
