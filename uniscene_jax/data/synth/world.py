@@ -321,22 +321,9 @@ def layout_scene(rng: np.random.Generator, origin_xy, duration: float) -> SceneL
   b = _Builder(rng)
 
   # Same-direction traffic ahead in the ego lane, at the ego's speed (constant gaps).
-  b.add_object(
-    'vehicle.car',
-    float(rng.uniform(13, 18)),
-    0.0,
-    _size(rng, 'vehicle.car'),
-    speed=speed,
-    attribute='vehicle.moving',
-  )
-  b.add_object(
-    'vehicle.truck',
-    float(rng.uniform(32, 40)),
-    0.0,
-    _size(rng, 'vehicle.truck'),
-    speed=speed,
-    attribute='vehicle.moving',
-  )
+  for category, s_range in (('vehicle.car', (13, 18)), ('vehicle.truck', (32, 40))):
+    s0 = float(rng.uniform(*s_range))
+    b.add_object(category, s0, 0.0, _size(rng, category), speed=speed, attribute='vehicle.moving')
   # Oncoming convoy, one speed, spaced so that the bus meets the ego mid-scene.
   v_on = float(rng.uniform(4.0, 7.0))
   s = travel / 2 + v_on * duration / 2 + float(rng.uniform(-5, 5))
