@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from uniscene_jax.data import nuscenes_meta as meta
-from uniscene_jax.data.synth import canbus, files, occ3d, sensors, tables, world
+from uniscene_jax.data.synth import canbus, files, occ3d, sensors, tables, transforms, world
 
 KEY_INTERVAL_US = 500_000
 BASE_TIME_US = 1_532_402_927_647_951
@@ -171,23 +171,10 @@ class _SceneWriter:
   @staticmethod
   def points_in_boxes(layout, j, scan) -> np.ndarray:
     """Lidar points inside each annotated box at key frame j: int [num_instances]."""
-    t = j * KEY_INTERVAL_US / 1e6
-    rot = np.array([[np.cos(scan.yaw), -np.sin(scan.yaw)], [np.sin(scan.yaw), np.cos(scan.yaw)]])
-    pts = scan.points[:, :3].astype(np.float64)
-    xy = pts[:, :2] @ rot.T + scan.origin[:2]
-    z = pts[:, 2] + scan.origin[2]
-    boxes = layout.tracks.at(layout.road, t)
+    boxes = layout.tracks.at(layout.road, j * KEY_INTERVAL_US / 1e6)
     tracks = np.array([i.track for i in layout.instances], int)
-    rel = xy[:, None] - boxes.centre[None, tracks, :2]
-    c, s = np.cos(boxes.yaw[tracks]), np.sin(boxes.yaw[tracks])
-    lx = rel[..., 0] * c + rel[..., 1] * s
-    ly = -rel[..., 0] * s + rel[..., 1] * c
-    lz = z[:, None] - boxes.centre[None, tracks, 2]
-    eps = 1e-3
-    inside = (np.abs(lx) <= boxes.size[tracks, 1] / 2 + eps) & (
-      np.abs(ly) <= boxes.size[tracks, 0] / 2 + eps
-    )
-    inside &= np.abs(lz) <= boxes.size[tracks, 2] / 2 + eps
+    local = boxes.local(scan.global_points())[:, tracks]
+    inside = np.all(np.abs(local) <= boxes.half_extents[tracks] + 1e-3, -1)
     return inside.sum(0)
 
   def write(self, t: dict[str, list], occ_infos: dict) -> dict:
@@ -295,7 +282,7 @@ class _SceneWriter:
             'attribute_tokens': [tok('attribute', inst.attribute)] if inst.attribute else [],
             'translation': [float(v) for v in boxes.centre[inst.track]],
             'size': wlh,
-            'rotation': tables.transforms.yaw_quaternion(float(boxes.yaw[inst.track])),
+            'rotation': transforms.yaw_quaternion(float(boxes.yaw[inst.track])),
             'num_lidar_pts': int(counts[j][i]),
             'num_radar_pts': 0,
           }

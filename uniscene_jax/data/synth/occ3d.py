@@ -93,8 +93,7 @@ def lidar_mask(scans: list[sensors.LidarScan], ego_xyz, ego_yaw, sem: np.ndarray
     col = np.minimum((az / (2 * np.pi) * bins).astype(int), bins - 1)
     reach = scan.range_image[np.clip(ring, 0, len(elev) - 1), col]
     reached |= ok & np.isfinite(reach) & (rho <= reach + DEPTH_SLACK)
-    pts = scan.points[:, :3].astype(np.float64) @ transforms.rotation_z(scan.yaw).T + scan.origin
-    idx = np.floor(((pts - ego_xyz) @ rot - LOW) / VOXEL).astype(int)
+    idx = np.floor(((scan.global_points() - ego_xyz) @ rot - LOW) / VOXEL).astype(int)
     idx = idx[np.all((idx >= 0) & (idx < np.array(SHAPE)), 1)]
     returns[tuple(idx.T)] = True
   return np.where(sem == meta.OCC3D_FREE, reached, returns) | returns

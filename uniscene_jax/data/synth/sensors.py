@@ -79,6 +79,10 @@ class LidarScan:
   origin: np.ndarray  # [3] global sensor position
   yaw: float  # global yaw of the sensor frame
 
+  def global_points(self) -> np.ndarray:
+    """[N, 3] float64 points in global coordinates."""
+    return self.points[:, :3].astype(np.float64) @ transforms.rotation_z(self.yaw).T + self.origin
+
 
 def lidar_scan(layout: SceneLayout, t: float, azimuth_bins: int) -> LidarScan:
   """One instantaneous 360-degree scan at scene time t."""

@@ -129,6 +129,19 @@ class Boxes:
   yaw: np.ndarray
   size: np.ndarray
 
+  @property
+  def half_extents(self) -> np.ndarray:
+    """[K, 3] half sizes along the box's local (x, y, z) = (l, w, h) / 2."""
+    return np.stack([self.size[:, 1], self.size[:, 0], self.size[:, 2]], -1) / 2
+
+  def local(self, points: np.ndarray) -> np.ndarray:
+    """Global points [N, 3] in every box's frame (origin at its centre): [N, K, 3]."""
+    rel = points[:, None, :] - self.centre[None]
+    c, s = np.cos(self.yaw), np.sin(self.yaw)
+    return np.stack(
+      [rel[..., 0] * c + rel[..., 1] * s, -rel[..., 0] * s + rel[..., 1] * c, rel[..., 2]], -1
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class Tracks:
@@ -184,17 +197,8 @@ class SceneLayout:
   def surface_distance(self, points: np.ndarray, t: float) -> np.ndarray:
     """Distance [N] from global points [N, 3] to the nearest surface (ground or box) at time t."""
     boxes = self.tracks.at(self.road, t)
-    rel = points[:, None, :2] - boxes.centre[None, :, :2]
-    c, s = np.cos(boxes.yaw), np.sin(boxes.yaw)
-    local = np.stack(
-      [
-        rel[..., 0] * c + rel[..., 1] * s,
-        -rel[..., 0] * s + rel[..., 1] * c,
-        points[:, None, 2] - boxes.centre[None, :, 2],
-      ],
-      -1,
-    )
-    half = np.stack([boxes.size[:, 1], boxes.size[:, 0], boxes.size[:, 2]], -1) / 2
+    local = boxes.local(points)
+    half = boxes.half_extents
     q = np.abs(local) - half
     outside = np.linalg.norm(np.maximum(q, 0.0), axis=-1)
     inside = np.minimum(q.max(-1), 0.0)
