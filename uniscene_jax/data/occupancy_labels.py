@@ -122,8 +122,69 @@ def remove_close(points: np.ndarray) -> np.ndarray:
   return points[:, ~near]
 
 
+def load_scan(path: str) -> np.ndarray:
+  """float32 [4, N] (x, y, z, intensity) of a `.pcd.bin` file, checked for truncation."""
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    raise FileNotFoundError(f'{path}: lidar file listed in sample_data is missing') from e
+  if size % 20:
+    raise ValueError(f'{path}: {size} bytes is not a multiple of 20 (5 float32 per point)')
+  return np.fromfile(path, np.float32).reshape(-1, 5)[:, :4].T
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  """One lidar file with its calibration and ego pose (plain dicts: translation, rotation)."""
+
+  path: str
+  calib: dict
+  pose: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelJob:
+  """Everything one key frame's label needs, without the devkit: picklable, sent to workers.
+
+  `reference` is the key frame's scan, `keys` the window key frames (past oldest first, then
+  future farthest first), `sweeps` the intermediate sweeps in the reference's order.
+  """
+
+  reference: Scan
+  keys: tuple[Scan, ...]
+  sweeps: tuple[Scan, ...]
+
+  def points(self) -> np.ndarray:
+    """float32 [4, N] aggregated cloud (x, y, z, intensity) in the key frame's lidar frame."""
+    ref = self.reference
+    clouds = [load_scan(ref.path)]
+    for s in self.keys:
+      clouds.append(to_reference_frame(load_scan(s.path), s.calib, s.pose, ref.calib, ref.pose))
+    key = np.concatenate(clouds, 1)
+    key = key[:, np.all(np.abs(key[:3]) <= KEY_CROP[:, None], 0)]
+    sweeps = [
+      to_reference_frame(remove_close(load_scan(s.path)), s.calib, s.pose, ref.calib, ref.pose)
+      for s in self.sweeps
+    ]
+    return np.concatenate([key] + sweeps, 1)
+
+  def labels(self, options: LabelOptions = LabelOptions()) -> np.ndarray:
+    """uint8 [200, 200, 16] binary occupancy of the key frame."""
+    lidar2ego = None
+    if options.true_lidar_to_ego:
+      lidar2ego = np.eye(4)
+      lidar2ego[:3, :3] = _rotation(self.reference.calib['rotation'])
+      lidar2ego[:3, 3] = self.reference.calib['translation']
+    cloud = self.points()
+    return binary_occupancy(cloud[:3].T.astype(np.float64), options, lidar2ego)
+
+
+def _plain(record: dict) -> dict:
+  return {'translation': list(record['translation']), 'rotation': list(record['rotation'])}
+
+
 class SampleAggregator:
-  """Gathers the reference's aggregated cloud of a key frame with nuscenes-devkit."""
+  """Walks a key frame's sweep window with nuscenes-devkit and gathers the reference's cloud."""
 
   def __init__(self, nusc, num_sweeps: int = 2):
     self.nusc = nusc
@@ -132,19 +193,11 @@ class SampleAggregator:
   def _lidar(self, sample) -> dict:
     return self.nusc.get('sample_data', sample['data']['LIDAR_TOP'])
 
-  def _scan(self, sd) -> np.ndarray:
-    from nuscenes.utils.data_classes import LidarPointCloud
-
-    path = self.nusc.get_sample_data_path(sd['token'])
-    size = os.path.getsize(path)
-    if size % 20:
-      raise ValueError(f'{path}: {size} bytes is not a multiple of 20 (5 float32 per point)')
-    return LidarPointCloud.from_file(path).points
-
-  def _calib(self, sd):
-    return (
-      self.nusc.get('calibrated_sensor', sd['calibrated_sensor_token']),
-      self.nusc.get('ego_pose', sd['ego_pose_token']),
+  def _scan(self, sd) -> Scan:
+    return Scan(
+      path=self.nusc.get_sample_data_path(sd['token']),
+      calib=_plain(self.nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])),
+      pose=_plain(self.nusc.get('ego_pose', sd['ego_pose_token'])),
     )
 
   def window(self, sample_token: str) -> tuple[list[dict], list[dict]]:
@@ -180,34 +233,22 @@ class SampleAggregator:
         out.append(sd)
     return out
 
+  def job(self, sample_token: str) -> LabelJob:
+    """The key frame's label work item (file paths and poses only)."""
+    past, future = self.window(sample_token)
+    return LabelJob(
+      reference=self._scan(self._lidar(self.nusc.get('sample', sample_token))),
+      keys=tuple(self._scan(self._lidar(s)) for s in past + future),
+      sweeps=tuple(self._scan(sd) for sd in self.sweeps(sample_token)),
+    )
+
   def points(self, sample_token: str) -> np.ndarray:
     """float32 [4, N] aggregated cloud (x, y, z, intensity) in the key frame's lidar frame."""
-    sample = self.nusc.get('sample', sample_token)
-    ref_sd = self._lidar(sample)
-    cs_ref, pose_ref = self._calib(ref_sd)
-    past, future = self.window(sample_token)
-    clouds = [self._scan(ref_sd)]
-    for s in past + future:
-      sd = self._lidar(s)
-      clouds.append(to_reference_frame(self._scan(sd), *self._calib(sd), cs_ref, pose_ref))
-    key = np.concatenate(clouds, 1)
-    key = key[:, np.all(np.abs(key[:3]) <= KEY_CROP[:, None], 0)]
-    sweeps = [
-      to_reference_frame(remove_close(self._scan(sd)), *self._calib(sd), cs_ref, pose_ref)
-      for sd in self.sweeps(sample_token)
-    ]
-    return np.concatenate([key] + sweeps, 1)
+    return self.job(sample_token).points()
 
   def labels(self, sample_token: str, options: LabelOptions = LabelOptions()) -> np.ndarray:
     """uint8 [200, 200, 16] binary occupancy of one key frame."""
-    lidar2ego = None
-    if options.true_lidar_to_ego:
-      cs, _ = self._calib(self._lidar(self.nusc.get('sample', sample_token)))
-      lidar2ego = np.eye(4)
-      lidar2ego[:3, :3] = _rotation(cs['rotation'])
-      lidar2ego[:3, 3] = cs['translation']
-    cloud = self.points(sample_token)
-    return binary_occupancy(cloud[:3].T.astype(np.float64), options, lidar2ego)
+    return self.job(sample_token).labels(options)
 
 
 def label_path(dataroot: str, scene_name: str, sample_token: str) -> str:
