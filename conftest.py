@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded synthetic nuScenes world, written once per test session."""
+"""Shared test fixtures: the embedded synthetic nuScenes world, written once per test session."""
 
 import pytest
 
