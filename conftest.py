@@ -20,3 +20,17 @@ def nusc(synthetic_world_dir):
   return NuScenes(
     version='v1.0-mini', dataroot=str(synthetic_world_dir / 'nuscenes'), verbose=False
   )
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(synthetic_world_dir, tmp_path_factory):
+  """data_dir holding nuscenes_occ/mini built from the default synthetic world (in-process)."""
+  import tensorflow_datasets as tfds
+
+  from data_builders.nuscenes_occ import nuscenes_occ_dataset_builder as nbuilder
+
+  out = tmp_path_factory.mktemp('tfds')
+  nbuilder.Builder(data_dir=str(out), config='mini').download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(synthetic_world_dir))
+  )
+  return out

@@ -45,10 +45,8 @@ def _build(manual_dir, data_dir, beam_flags=None):
 
 
 @pytest.fixture(scope='module')
-def built(synthetic_world_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp('tfds')
-  _build(synthetic_world_dir, out)
-  return out
+def built(tfds_dir):
+  return tfds_dir  # the plain Python build of the default world (conftest.py)
 
 
 @pytest.fixture(scope='module')

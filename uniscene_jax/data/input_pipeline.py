@@ -1,0 +1,155 @@
+"""Training batches from the nuscenes_occ records: grain, no TensorFlow.
+
+A sample is a temporal queue (the reference's): for record i, three of the four previous records
+i-4 .. i-1 chosen at random (one dropped, order kept, indices clamped at 0), then i itself.
+Walking the queue, a frame whose scene differs from the previous frame's starts without history
+(prev_bev_exists False, can_bus[0:3] and [17] zeroed); otherwise can_bus[0:3] and [17] become the
+change since the previous frame of the queue (global-frame translation, yaw in degrees, no wrap).
+
+Images stay uint8 BGR on the host (JPEG decoded straight to BGR), zero-padded bottom/right to a
+multiple of 32; normalisation and augmentation happen on the device (`augment.py`). Batches are
+flat dicts of numpy arrays (DESIGN section 4), with the tokens kept as bytes arrays for the host.
+"""
+
+import dataclasses
+
+import cv2
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+TARGETS = ('binary', 'occ3d')
+
+
+class BgrJpeg(tfds.decode.SkipDecoding):
+  """Decodes a sequence of JPEG features straight to BGR uint8 (the reference reads BGR)."""
+
+  def decode_batch_example_np(self, serialized):
+    return [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in serialized]
+
+
+def open_source(data_dir: str, name: str, split: str):
+  """The split's records by index; images as lists of BGR arrays."""
+  return tfds.data_source(
+    name, data_dir=data_dir, split=split, download=False, decoders={'images': BgrJpeg()}
+  )
+
+
+def queue_indices(index: int, rng: np.random.Generator, queue_length: int = 4) -> list[int]:
+  """History of record `index` as the reference draws it, then `index` itself."""
+  history = list(range(index - queue_length, index))
+  rng.shuffle(history)
+  history = sorted(history[1:])
+  return [max(0, i) for i in history] + [index]
+
+
+def queue_deltas(can_bus: np.ndarray, scene_tokens) -> tuple[np.ndarray, np.ndarray]:
+  """(can_bus [T, 18] with the queue's deltas, prev_bev_exists [T]) from absolute vectors."""
+  out = np.array(can_bus, np.float64, copy=True)
+  exists = np.zeros(len(out), bool)
+  for t in range(len(out)):  # T = 4 frames
+    if t > 0 and scene_tokens[t] == scene_tokens[t - 1]:
+      exists[t] = True
+      out[t, :3] -= can_bus[t - 1, :3]
+      out[t, 17] -= can_bus[t - 1, 17]
+    else:
+      out[t, :3] = 0.0
+      out[t, 17] = 0.0
+  return out, exists
+
+
+def pad_images(images, divisor: int = 32) -> np.ndarray:
+  """List of N [H, W, 3] uint8 -> [N, H_pad, W_pad, 3], zero-padded bottom/right."""
+  h, w = images[0].shape[:2]
+  hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
+  out = np.zeros((len(images), hp, wp, 3), np.uint8)
+  for n, image in enumerate(images):  # six cameras
+    if image.shape != images[0].shape:
+      raise ValueError(f'camera {n}: image {image.shape}, camera 0 has {images[0].shape}')
+    out[n, :h, :w] = image
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  data_dir: str
+  name: str = 'nuscenes_occ/mini'
+  split: str = 'train'
+  queue_length: int = 4  # frames per sample: queue_length - 1 history frames, then the current
+  target: str = 'binary'  # 'binary' (UniScene labels) or 'occ3d' (semantics + camera mask)
+  batch_size: int = 1  # per process
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  image_pad_divisor: int = 32
+
+
+class TemporalQueue(grain.transforms.RandomMap):
+  """Record index -> one training sample (the queue of frames and the current frame's target)."""
+
+  def __init__(self, config: PipelineConfig):
+    if config.target not in TARGETS:
+      raise ValueError(f'PipelineConfig.target must be one of {TARGETS}, got {config.target!r}')
+    self.config = config
+    self._source = None  # opened lazily: each worker process opens its own
+
+  def __getstate__(self):
+    return {'config': self.config, '_source': None}
+
+  def random_map(self, index, rng: np.random.Generator) -> dict:
+    cfg = self.config
+    if self._source is None:
+      self._source = open_source(cfg.data_dir, cfg.name, cfg.split)
+    frames = [self._source[i] for i in queue_indices(int(index), rng, cfg.queue_length)]
+    current = frames[-1]
+    can_bus, exists = queue_deltas(
+      np.stack([f['can_bus'] for f in frames]), [f['scene_token'] for f in frames]
+    )
+    sample = {
+      'img': np.stack([pad_images(f['images'], cfg.image_pad_divisor) for f in frames]),
+      'lidar2img': np.stack([f['lidar2img'] for f in frames]).astype(np.float32),
+      'ego2lidar': np.stack([f['ego2lidar'] for f in frames]).astype(np.float32),
+      'can_bus': can_bus.astype(np.float32),
+      'prev_bev_exists': exists,
+      'sample_token': np.bytes_(current['sample_token']),
+      'scene_token': np.bytes_(current['scene_token']),
+    }
+    if cfg.target == 'binary':
+      sample['occ_target'] = current['occ_binary']
+    else:
+      sample['occ_target'] = current['occ_semantics']
+      sample['occ_mask_camera'] = current['occ_mask_camera']
+    return sample
+
+
+def make_loader(config: PipelineConfig, process_index: int = 0, process_count: int = 1):
+  """grain DataLoader over this process's shard of the split, shuffled by `config.seed`.
+
+  Iterating it gives batches of `config.batch_size` samples; `iter(loader)` has get_state() /
+  set_state() for exact resumption.
+  """
+  num_records = len(open_source(config.data_dir, config.name, config.split))
+  if config.worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags (defaults outside absl.app)
+  sampler = grain.samplers.IndexSampler(
+    num_records=num_records,
+    shard_options=grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=True
+    ),
+    shuffle=config.shuffle,
+    num_epochs=config.num_epochs,
+    seed=config.seed,
+  )
+  return grain.DataLoader(
+    data_source=grain.sources.RangeDataSource(0, num_records, 1),
+    sampler=sampler,
+    operations=[
+      TemporalQueue(config),
+      grain.transforms.Batch(batch_size=config.batch_size, drop_remainder=True),
+    ],
+    worker_count=config.worker_count,
+    worker_buffer_size=config.worker_buffer_size,
+  )
