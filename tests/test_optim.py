@@ -1,0 +1,96 @@
+"""The optimiser against the reference's formulas and torch's AdamW."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from uniscene_jax import optim
+
+
+def test_schedule_equals_the_mmcv_formula():
+  base, per_epoch, epochs = 2e-4, 100, 24
+  sched = optim.lr_schedule(base, per_epoch, epochs)
+  eta = base * 1e-3
+  for step in [0, 1, 250, 499, 500, 501, 99, 100, 1234, 2399]:
+    e = step // per_epoch
+    regular = eta + 0.5 * (base - eta) * (1 + math.cos(math.pi * e / epochs))
+    want = regular * (1 - (1 - step / 500) * (2 / 3)) if step < 500 else regular
+    np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5)  # float32
+  np.testing.assert_allclose(float(sched(0)), base / 3, rtol=1e-6)
+  # Constant within an epoch after the warm-up, stepping down at epoch boundaries.
+  np.testing.assert_allclose(float(sched(600)), float(sched(699)))
+  assert float(sched(700)) < float(sched(699))
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  arr = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  return {
+    'img_backbone': {
+      'conv1': {'kernel': arr(3, 3)},
+      'bn1': {'scale': arr(3), 'bias': arr(3)},
+      'layer1_0': {'conv1': {'kernel': arr(3, 3)}},
+      'layer2_0': {
+        'conv1': {'kernel': arr(3, 3)},
+        'bn1': {'scale': arr(3)},
+        'downsample_0': {'kernel': arr(3, 3)},
+        'downsample_1': {'scale': arr(3)},
+      },
+    },
+    'img_neck': {'lateral_convs_0': {'conv': {'kernel': arr(3, 3), 'bias': arr(3)}}},
+    'pts_bbox_head': {'bev_embedding': {'embedding': arr(4, 3)}},
+  }
+
+
+def test_labels_follow_the_reference_freezing():
+  labels = optim.path_labels(_params())
+  bb = labels['img_backbone']
+  assert (
+    bb['conv1']['kernel'] == bb['bn1']['scale'] == bb['layer1_0']['conv1']['kernel'] == 'frozen'
+  )
+  assert bb['layer2_0']['bn1']['scale'] == bb['layer2_0']['downsample_1']['scale'] == 'frozen'
+  assert bb['layer2_0']['conv1']['kernel'] == bb['layer2_0']['downsample_0']['kernel'] == 'backbone'
+  assert labels['img_neck']['lateral_convs_0']['conv']['bias'] == 'head'
+  assert labels['pts_bbox_head']['bev_embedding']['embedding'] == 'head'
+
+
+def test_updates_equal_torch_adamw_with_clip_and_groups():
+  params = _params()
+  cfg = optim.OptimConfig(warmup_steps=0, grad_clip_norm=1.0)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=10, params=params)
+  state = tx.init(params)
+  leaves, tree = jax.tree.flatten(params)
+  labels = jax.tree.leaves(optim.path_labels(params))
+  tensors = [torch.tensor(np.asarray(x), requires_grad=True) for x in leaves]
+  groups = [
+    {'params': [t for t, lab in zip(tensors, labels, strict=True) if lab == 'head'], 'lr': 2e-4},
+    {
+      'params': [t for t, lab in zip(tensors, labels, strict=True) if lab == 'backbone'],
+      'lr': 2e-5,
+    },
+  ]
+  topt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    grads = [rng.normal(size=x.shape).astype(np.float32) * 3 for x in leaves]
+    updates, state = tx.update(
+      jax.tree.unflatten(tree, [jnp.asarray(g) for g in grads]), state, params
+    )
+    params = optax_apply(params, updates)
+    for t, g, lab in zip(tensors, grads, labels, strict=True):
+      t.grad = None if lab == 'frozen' else torch.from_numpy(g)
+    torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], 1.0)
+    topt.step()
+  for x, t, lab, x0 in zip(jax.tree.leaves(params), tensors, labels, leaves, strict=True):
+    np.testing.assert_allclose(x, t.detach().numpy(), rtol=1e-5, atol=1e-7)
+    if lab == 'frozen':
+      np.testing.assert_array_equal(x, x0)
+
+
+def optax_apply(params, updates):
+  import optax
+
+  return optax.apply_updates(params, updates)
