@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uniscene_jax.models.initializers import torch_default_bias, xavier
+
 
 class GroupBatchNorm(nn.Module):
   """BatchNorm over channel-last inputs whose statistics are taken per group of samples.
@@ -73,6 +75,7 @@ class ConvBnRelu3d(nn.Module):
       (3, 3, 3),
       padding=1,
       use_bias=False,
+      kernel_init=xavier,  # the reference's transformer init_weights
       dtype=self.dtype,
       param_dtype=jnp.float32,
       name='conv',
@@ -91,32 +94,55 @@ class OccupancyHeadConfig:
   bn_group_size: int = 1
 
 
+def occupancy_logits(bev, decoder, predicter, config: OccupancyHeadConfig, train: bool, dtype):
+  """bev [B, H * W, C] -> float32 logits [B, X = W, Y = H, Z, classes] with the given layers.
+
+  decoder: the two ConvBnRelu3d; predicter: the two Dense layers (Softplus between them).
+  """
+  b, hw, c = bev.shape
+  if hw != config.bev_h * config.bev_w or c % config.pillar_h:
+    raise ValueError(
+      f'occupancy head: bev {bev.shape} does not fit bev_h x bev_w = '
+      f'{config.bev_h} x {config.bev_w} with channels divisible by pillar_h = {config.pillar_h}'
+    )
+  x = bev.astype(dtype).reshape(
+    b, config.bev_h, config.bev_w, c // config.pillar_h, config.pillar_h
+  )
+  x = x.transpose(0, 4, 1, 2, 3)  # [B, Z, H, W, a]: conv kernel axes (z, y, x)
+  for conv in decoder:
+    x = conv(x, train)
+  x = x.transpose(0, 3, 2, 1, 4)  # [B, X, Y, Z, out_dim]
+  x = predicter[1](nn.softplus(predicter[0](x)))
+  return x.astype(jnp.float32)
+
+
+def occupancy_layers(config: OccupancyHeadConfig, dtype) -> dict:
+  """The head's layers by attribute name: the reference's `decoder.{0,1}`, `predicter.{0,2}`."""
+  dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=xavier)
+  hidden = config.out_dim * 2
+  return {
+    'decoder_0': ConvBnRelu3d(config.out_dim, config.bn_group_size, dtype),
+    'decoder_1': ConvBnRelu3d(config.out_dim, config.bn_group_size, dtype),
+    'predicter_0': nn.Dense(hidden, bias_init=torch_default_bias(config.out_dim), **dense),
+    'predicter_2': nn.Dense(config.num_classes, bias_init=torch_default_bias(hidden), **dense),
+  }
+
+
 class OccupancyHead(nn.Module):
   """bev [B, H * W, C] -> logits [B, X = W, Y = H, Z = pillar_h, num_classes] (float32).
 
-  Submodule names follow the reference's `transformer.decoder.{0,1}` and `transformer.predicter.
-  {0,2}` so that the parent module named `transformer` gives the PyTorch paths.
+  Standalone form of the head; the pre-training model creates the same layers inside its
+  `transformer` module, which gives the PyTorch paths `transformer.decoder.0...`.
   """
 
   config: OccupancyHeadConfig = OccupancyHeadConfig()
   dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    for name, layer in occupancy_layers(self.config, self.dtype).items():
+      setattr(self, name, layer)
+
   def __call__(self, bev: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    cfg = self.config
-    b, hw, c = bev.shape
-    if hw != cfg.bev_h * cfg.bev_w or c % cfg.pillar_h:
-      raise ValueError(
-        f'OccupancyHead: bev {bev.shape} does not fit bev_h x bev_w = {cfg.bev_h} x {cfg.bev_w}'
-        f' with channels divisible by pillar_h = {cfg.pillar_h}'
-      )
-    a = c // cfg.pillar_h
-    x = bev.astype(self.dtype).reshape(b, cfg.bev_h, cfg.bev_w, a, cfg.pillar_h)
-    x = x.transpose(0, 4, 1, 2, 3)  # [B, Z, H, W, a]: conv kernel axes (z, y, x)
-    for i in range(2):
-      x = ConvBnRelu3d(cfg.out_dim, cfg.bn_group_size, self.dtype, name=f'decoder_{i}')(x, train)
-    x = x.transpose(0, 3, 2, 1, 4)  # [B, X, Y, Z, out_dim]
-    dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
-    x = nn.softplus(nn.Dense(cfg.out_dim * 2, name='predicter_0', **dense)(x))
-    x = nn.Dense(cfg.num_classes, name='predicter_2', **dense)(x)
-    return x.astype(jnp.float32)
+    decoder = (self.decoder_0, self.decoder_1)
+    predicter = (self.predicter_0, self.predicter_2)
+    return occupancy_logits(bev, decoder, predicter, self.config, train, self.dtype)
