@@ -1,0 +1,78 @@
+"""Modulated deformable convolution (DCNv2, deform_groups = 1), model spec 4, channel-last."""
+
+import jax.numpy as jnp
+from jax import lax
+
+from uniscene_jax.ops import bilinear
+
+
+def modulated_deform_conv2d(
+  x: jnp.ndarray,
+  offset: jnp.ndarray,
+  mask: jnp.ndarray,
+  kernel: jnp.ndarray,
+  stride: int = 1,
+  padding: int = 1,
+  dilation: int = 1,
+) -> jnp.ndarray:
+  """DCNv2 as mmcv's `modulated_deform_conv2d` (no bias).
+
+  out[p, q] = sum over taps k = i * kw + j and input channels of
+  kernel[i, j] * mask_k * bilinear(x, y_s, x_s), with y_s = p * stride - padding + i * dilation
+  + dy_k and x_s = q * stride - padding + j * dilation + dx_k. A sample is zero unless
+  -1 < y_s < H and -1 < x_s < W; inside that range corners off the map count as zero.
+
+  Args:
+    x: [B, H, W, Cin].
+    offset: [B, H', W', 2K], mmcv channel order: 2k = dy, 2k + 1 = dx of tap k.
+    mask: [B, H', W', K] modulation (already through the sigmoid).
+    kernel: [kh, kw, Cin, Cout] (HWIO).
+    stride, padding, dilation: as for a plain convolution; H' and W' must match them.
+
+  Returns:
+    [B, H', W', Cout] in x.dtype; the contraction accumulates in float32.
+  """
+  b, h, w, cin = x.shape
+  kh, kw, kcin, cout = kernel.shape
+  taps = kh * kw
+  ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+  wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+  if kcin != cin:
+    raise ValueError(f'kernel {kernel.shape} expects {kcin} input channels, x has {cin}')
+  if offset.shape != (b, ho, wo, 2 * taps) or mask.shape != (b, ho, wo, taps):
+    raise ValueError(
+      f'offset {offset.shape} / mask {mask.shape} must be {(b, ho, wo, 2 * taps)} / '
+      f'{(b, ho, wo, taps)} for x {x.shape}, kernel {kernel.shape}, stride {stride}'
+    )
+  off = offset.astype(jnp.float32).reshape(b, ho, wo, taps, 2)
+  tap_i = jnp.repeat(jnp.arange(kh), kw).astype(jnp.float32)  # [K]
+  tap_j = jnp.tile(jnp.arange(kw), kh).astype(jnp.float32)
+  rows = (jnp.arange(ho) * stride - padding).astype(jnp.float32)
+  cols = (jnp.arange(wo) * stride - padding).astype(jnp.float32)
+  ys = rows[:, None, None] + dilation * tap_i + off[..., 0]  # [B, H', W', K]
+  xs = cols[None, :, None] + dilation * tap_j + off[..., 1]
+  region = (ys > -1) & (ys < h) & (xs > -1) & (xs < w)
+  ys, _ = bilinear.clamp_coordinate(ys, h)
+  xs, _ = bilinear.clamp_coordinate(xs, w)
+  iy, fy = bilinear.axis_corners(ys)
+  ix, fx = bilinear.axis_corners(xs)
+  wp = w + bilinear.PAD_LO + bilinear.PAD_HI
+  hp = h + bilinear.PAD_LO + bilinear.PAD_HI
+  table = bilinear.pad_map(x, (1, 2)).reshape(-1, cin)
+  base = (jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * hp + iy) * wp + ix
+  mod = mask.astype(jnp.float32) * region
+  out = jnp.zeros((b, ho, wo, cout), jnp.float32)
+  # One tap at a time keeps the sampled columns at [B, H', W', Cin] instead of K times that.
+  for k in range(taps):
+    bk = base[..., k]
+    fxk, fyk, mk = fx[..., k, None], fy[..., k, None], mod[..., k, None]
+    top = (1 - fxk) * table[bk] + fxk * table[bk + 1]
+    bottom = (1 - fxk) * table[bk + wp] + fxk * table[bk + wp + 1]
+    col = (mk * ((1 - fyk) * top + fyk * bottom)).astype(x.dtype)
+    out = out + lax.dot_general(
+      col,
+      kernel[k // kw, k % kw].astype(x.dtype),
+      (((3,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+  return out.astype(x.dtype)

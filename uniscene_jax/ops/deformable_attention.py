@@ -1,0 +1,268 @@
+"""Multi-scale deformable attention (MSDA) with a hand-written backward.
+
+Semantics are mmcv's `multi_scale_deformable_attn_pytorch` (model spec 7.4): for each level, head
+and point, the value map is sampled bilinearly at pixel (x * w - 0.5, y * h - 0.5) with zero
+padding, and the samples are weighted by the attention weights and summed over levels and points.
+
+Layout. All levels are zero-padded (ops.bilinear) and concatenated into one table whose rows are
+(batch, padded pixel, head) and whose columns are the head channels, so every bilinear corner is one
+row of length Dh and the four corners of a sample sit at fixed row strides from the first.
+
+Forward. For each (level, point) the four corner rows are gathered and accumulated with explicit
+adds. Keeping the sum free of `reduce` ops matters on CPU: XLA hands large reductions to a library
+kernel, which would make it materialise every gathered row (5 GB for one SCA camera) instead of
+fusing the gather into the accumulation.
+
+Backward (jax.custom_vjp). The queries are processed in chunks by `lax.scan`; per chunk the corner
+rows are gathered once and give, through their dot products with the output gradient, the gradients
+of the attention weights and of the sampling locations; the value gradient is a scatter-add of the
+weighted output gradient into a padded table carried by the scan (updated in place). Chunking keeps
+each step's gathered rows and scatter updates cache-sized, which is what makes the scatter cheap:
+the same scatter over the whole problem at once spends most of its time writing and page-faulting
+a multi-gigabyte update array.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from uniscene_jax.ops import bilinear
+
+# Corners in (dy, dx) order: top-left, top-right, bottom-left, bottom-right.
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def ms_deform_attn(
+  value: jnp.ndarray,
+  spatial_shapes,
+  sampling_locations: jnp.ndarray,
+  attention_weights: jnp.ndarray,
+  *,
+  chunk_queries: int | None = None,
+) -> jnp.ndarray:
+  """Multi-scale deformable attention.
+
+  Args:
+    value: [B, L, heads, Dh], L = sum of h * w over the levels (level-major, row-major inside).
+    spatial_shapes: ((h, w), ...) per level, static Python ints.
+    sampling_locations: [B, Q, heads, levels, points, 2], (x, y) normalised to [0, 1]; any finite
+      or infinite value is allowed (points outside the maps read zeros).
+    attention_weights: [B, Q, heads, levels, points].
+    chunk_queries: queries per backward step (default: 2**14 sampled corner rows per step).
+
+  Returns:
+    [B, Q, heads * Dh] in value.dtype, channel = head * Dh + d; accumulated in float32.
+  """
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  b, length, heads, dh = value.shape
+  _, q, _, levels, points, two = sampling_locations.shape
+  if length != sum(h * w for h, w in shapes):
+    raise ValueError(
+      f'value has {length} tokens; spatial_shapes {shapes} need {sum(h * w for h, w in shapes)}'
+    )
+  if levels != len(shapes) or two != 2:
+    raise ValueError(
+      f'sampling_locations {sampling_locations.shape} must be [B, Q, heads, {len(shapes)}, P, 2]'
+    )
+  if attention_weights.shape != (b, q, heads, levels, points):
+    raise ValueError(
+      f'attention_weights {attention_weights.shape} must be {(b, q, heads, levels, points)}'
+    )
+  if chunk_queries is None:
+    chunk_queries = max(1, (1 << 14) // (levels * points * 4))
+  out = _msda(shapes, int(chunk_queries), value, sampling_locations, attention_weights)
+  return out.reshape(b, q, heads * dh)
+
+
+def _table(value, shapes):
+  """value [B, L, heads, Dh] -> (padded head-major table [B * heads * Lp, Dh], level offsets, Lp).
+
+  Head-major rows keep one (sample, head) map contiguous (a few MB), so the gathers of a head stay
+  in cache while the queries of that head are processed.
+  """
+  b, _, heads, dh = value.shape
+  parts, offsets = [], []
+  start = offset = 0
+  for h, w in shapes:
+    v = value[:, start : start + h * w].reshape(b, h, w, heads, dh)
+    v = bilinear.pad_map(v.transpose(0, 3, 1, 2, 4), (2, 3))  # [B, heads, hp, wp, Dh]
+    parts.append(v.reshape(b, heads, -1, dh))
+    offsets.append(offset)
+    start += h * w
+    offset += v.shape[2] * v.shape[3]
+  return jnp.concatenate(parts, axis=2).reshape(-1, dh), tuple(offsets), offset
+
+
+def _untable(table, shapes, b, heads):
+  """Inverse of _table for gradients: drops the padding, -> [B, L, heads, Dh]."""
+  dh = table.shape[-1]
+  table = table.reshape(b, heads, -1, dh)
+  parts = []
+  offset = 0
+  lo = bilinear.PAD_LO
+  for h, w in shapes:
+    hp, wp = h + lo + bilinear.PAD_HI, w + lo + bilinear.PAD_HI
+    v = table[:, :, offset : offset + hp * wp].reshape(b, heads, hp, wp, dh)
+    v = v[:, :, lo : lo + h, lo : lo + w].transpose(0, 2, 3, 1, 4)
+    parts.append(v.reshape(b, h * w, heads, dh))
+    offset += hp * wp
+  return jnp.concatenate(parts, axis=1)
+
+
+def _sample_geometry(loc, shapes, offsets):
+  """Table row of each sample's top-left corner (relative to its map) and bilinear factors.
+
+  Args:
+    loc: [..., levels, points, 2] float32, (x, y) normalised.
+
+  Returns:
+    row: int32 [..., levels, points], row of the top-left corner within one (sample, head) map.
+    frac: [..., levels, points, 2] (fx, fy), fraction towards the high corner.
+    scale: [..., levels, points, 2] d pixel / d loc, zero where the clamp is active.
+    stride_y: int32 [levels, 1], row offset of the bottom-left corner (the top-right one is 1).
+  """
+  sizes = jnp.array([(w, h) for h, w in shapes], jnp.float32)[:, None, :]  # [levels, 1, 2] (x, y)
+  # Same arithmetic as F.grid_sample on grid = 2 * loc - 1 (align_corners=False), so that the
+  # sampled positions round identically to the reference.
+  grid = 2 * loc - 1
+  pix = (grid + 1) * (sizes / 2) - 0.5
+  pix, keep = bilinear.clamp_coordinate(pix, sizes)
+  corner, frac = bilinear.axis_corners(pix)
+  stride_y = jnp.array([[w + bilinear.PAD_LO + bilinear.PAD_HI] for _, w in shapes], jnp.int32)
+  level_offset = jnp.array(offsets, jnp.int32)[:, None]
+  row = level_offset + corner[..., 1] * stride_y + corner[..., 0]
+  scale = jnp.where(keep, sizes, 0.0)
+  return row, frac, scale, stride_y
+
+
+def _corner_weights(frac):
+  """frac [..., 2] (fx, fy) -> the four bilinear weights in _CORNERS order."""
+  fx, fy = frac[..., 0], frac[..., 1]
+  gx, gy = 1 - fx, 1 - fy
+  return gy * gx, gy * fx, fy * gx, fy * fx
+
+
+def _head_major(x):
+  """[B, Q, heads, ...] -> [B * heads, Q, ...]."""
+  x = jnp.swapaxes(x, 1, 2)
+  return x.reshape(-1, *x.shape[2:])
+
+
+def _forward(shapes, value, loc, aw):
+  b, _, heads, dh = value.shape
+  _, q, _, levels, points, _ = loc.shape
+  table, offsets, lp = _table(value, shapes)
+  loc = _head_major(loc.astype(jnp.float32))  # [BH, Q, L, P, 2]
+  aw = _head_major(aw.astype(jnp.float32))
+
+  def one_head(xs):
+    bh, loc_h, aw_h = xs
+    row, frac, _, stride_y = _sample_geometry(loc_h, shapes, offsets)
+    row = row + bh * lp  # [Q, L, P]
+    coef = jnp.stack(_corner_weights(frac), axis=-1) * aw_h[..., None]  # [Q, L, P, 4]
+    out = jnp.zeros((q, dh), jnp.float32)
+    # Explicit adds over the static (level, point, corner) samples; see the module docstring.
+    for lvl in range(levels):
+      corner_rows = (0, 1, stride_y[lvl, 0], stride_y[lvl, 0] + 1)
+      for p in range(points):
+        r = row[:, lvl, p]
+        for c in range(4):
+          sample = table[r + corner_rows[c]].astype(jnp.float32)
+          out = out + coef[:, lvl, p, c, None] * sample
+    return out
+
+  # One (sample, head) map at a time: its table rows (a few MB) stay in cache, and the map
+  # boundary keeps XLA from fusing the final transpose into the gather loop.
+  out = lax.map(one_head, (jnp.arange(b * heads, dtype=jnp.int32), loc, aw))  # [BH, Q, Dh]
+  return out.reshape(b, heads, q, dh).swapaxes(1, 2).astype(value.dtype)
+
+
+def _split(x, n_chunks, chunk):
+  """[B, Q, heads, ...] -> [B * heads * n_chunks, chunk, ...] float32, queries zero-padded."""
+  x = _head_major(x.astype(jnp.float32))
+  pad = n_chunks * chunk - x.shape[1]
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(-1, chunk, *x.shape[2:])
+
+
+def _merge(x, b, heads, q):
+  """[B * heads * n_chunks, chunk, ...] -> [B, Q, heads, ...]."""
+  x = x.reshape(b, heads, -1, *x.shape[2:])[:, :, :q]
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _sum_last(x):
+  """Sum over the last axis by halving: elementwise adds, so XLA keeps it fused with its producer
+  (a `reduce` here would be handed to a CPU library kernel that materialises the gathered rows)."""
+  n = x.shape[-1]
+  while n > 1:
+    half = n // 2
+    y = x[..., :half] + x[..., half : 2 * half]
+    if n % 2:
+      y = jnp.concatenate([y[..., :1] + x[..., 2 * half :], y[..., 1:]], axis=-1)
+    x, n = y, half
+  return x[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _msda(shapes, chunk, value, loc, aw):
+  return _forward(shapes, value, loc, aw)
+
+
+def _msda_fwd(shapes, chunk, value, loc, aw):
+  return _forward(shapes, value, loc, aw), (value, loc, aw)
+
+
+def _msda_bwd(shapes, chunk, residuals, g):
+  value, loc, aw = residuals
+  b, _, heads, dh = value.shape
+  _, q, _, levels, points, _ = loc.shape
+  table, offsets, lp = _table(value, shapes)
+  chunk = min(chunk, q)
+  n_chunks = math.ceil(q / chunk)
+  pad = n_chunks * chunk - q
+
+  def split(x):
+    # [B, Q, heads, ...] -> [B * heads * n_chunks, chunk, ...]; padded queries have aw = g = 0.
+    x = _head_major(x.astype(jnp.float32))
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(-1, chunk, *x.shape[2:])
+
+  def step(dtable, xs):
+    bh, loc_c, aw_c, g_c = xs  # [], [C, L, P, 2], [C, L, P], [C, Dh]
+    row, frac, scale, stride_y = _sample_geometry(loc_c, shapes, offsets)
+    row = row + bh * lp
+    corner_rows = (0, 1, stride_y, stride_y + 1)
+    w = _corner_weights(frac)
+    gq = g_c[:, None, None, :]
+    rows = jnp.stack([row + r for r in corner_rows], axis=-1)  # [C, L, P, 4]
+    corners = table[rows].astype(jnp.float32)  # [C, L, P, 4, Dh]
+    dots = jnp.einsum('clpkd,cd->clpk', corners, g_c, preferred_element_type=jnp.float32)
+    dots = [dots[..., c] for c in range(4)]
+    d_aw = w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3]
+    fx, fy = frac[..., 0], frac[..., 1]
+    # d w_c / d x and d w_c / d y, written out for the corners in _CORNERS order.
+    d_x = (1 - fy) * (dots[1] - dots[0]) + fy * (dots[3] - dots[2])
+    d_y = (1 - fx) * (dots[2] - dots[0]) + fx * (dots[3] - dots[1])
+    d_loc = jnp.stack([d_x, d_y], axis=-1) * (aw_c[..., None] * scale)
+    upd = (jnp.stack(w, axis=-1) * aw_c[..., None])[..., None] * gq[:, :, :, None, :]
+    dtable = dtable.at[rows].add(upd, mode='drop')
+    return dtable, (d_loc, d_aw)
+
+  bh_ids = jnp.repeat(jnp.arange(b * heads, dtype=jnp.int32), n_chunks)
+  xs = (bh_ids, split(loc), split(aw), split(g))
+  dtable, (d_loc, d_aw) = lax.scan(step, jnp.zeros(table.shape, jnp.float32), xs)
+
+  def merge(x):
+    # [B * heads * n_chunks, chunk, ...] -> [B, Q, heads, ...]
+    x = x.reshape(b, heads, n_chunks * chunk, *x.shape[2:])[:, :, :q]
+    return jnp.swapaxes(x, 1, 2)
+
+  d_value = _untable(dtable, shapes, b, heads).astype(value.dtype)
+  return d_value, merge(d_loc).astype(loc.dtype), merge(d_aw).astype(aw.dtype)
+
+
+_msda.defvjp(_msda_fwd, _msda_bwd)
