@@ -72,3 +72,25 @@ def to_torch_arrays(variables: dict) -> dict[str, np.ndarray]:
     out[f'{module}.{stat}'] = np.array(leaf, np.float32)
     out[f'{module}.num_batches_tracked'] = np.asarray(0, np.int64)
   return out
+
+
+_PERMUTATIONS = {('kernel', 2): (1, 0), ('kernel', 4): (3, 2, 0, 1), ('kernel', 5): (4, 3, 0, 1, 2)}
+
+
+def to_torch_shapes(variables: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{torch key: (shape, dtype name)} from variables of arrays or ShapeDtypeStructs."""
+  out = {}
+  for path, leaf in flatten(dict(variables.get('params', {}))).items():
+    shape = tuple(leaf.shape)
+    perm = _PERMUTATIONS.get((path[-1], len(shape)))
+    if path[-1] == 'kernel' and perm is None:
+      raise ValueError(f'kernel of rank {len(shape)} has no PyTorch layout rule')
+    name = 'weight' if path[-1] in ('kernel', 'embedding', 'scale') else path[-1]
+    key = f'{torch_module_path(path[:-1])}.{name}' if len(path) > 1 else name
+    out[key] = (tuple(shape[i] for i in perm) if perm else shape, 'float32')
+  for path, leaf in flatten(dict(variables.get('batch_stats', {}))).items():
+    module = torch_module_path(path[:-1])
+    stat = {'mean': 'running_mean', 'var': 'running_var'}[path[-1]]
+    out[f'{module}.{stat}'] = (tuple(leaf.shape), 'float32')
+    out[f'{module}.num_batches_tracked'] = ((), 'int64')
+  return out
