@@ -7,6 +7,7 @@ that is float32 accumulation order through ~20 convolutions (two libraries sum t
 in different orders), far above any layout or indexing error, which would be O(1).
 """
 
+import dataclasses
 import math
 import re
 
@@ -17,8 +18,8 @@ import pytest
 import torch
 
 from tests.reference import backbone_torch
-from uniscene_jax.models.backbone import ResNet
-from uniscene_jax.models.fpn import FPN, resize_nearest
+from uniscene_jax.models.backbone import ResNet, ResNetConfig
+from uniscene_jax.models.fpn import FPN, FPNConfig, resize_nearest
 
 # From the reference state_dict manifest: parameter elements of img_backbone / img_neck (BN
 # running statistics are buffers there: 104 BNs x (mean + var) = 105,344 elements).
@@ -26,7 +27,7 @@ BACKBONE_PARAMS = 44_304_894
 BACKBONE_BN_STATS = 105_344
 NECK_PARAMS = 3_278_592
 
-SMALL = dict(stage_blocks=(2, 1, 2, 1), base_width=8)
+SMALL = ResNetConfig(stage_blocks=(2, 1, 2, 1), base_width=8)
 NECK_WIDTH = 16
 
 
@@ -36,7 +37,7 @@ def _count(tree):
 
 def test_full_size_counts_and_shapes():
   img = jax.ShapeDtypeStruct((6, 928, 1600, 3), jnp.float32)
-  backbone, neck = ResNet(), FPN()
+  backbone, neck = ResNet(ResNetConfig.from_depth(101)), FPN()
   bb_vars = jax.eval_shape(backbone.init, jax.random.key(0), img)
   assert _count(bb_vars['params']) == BACKBONE_PARAMS
   assert _count(bb_vars['batch_stats']) == BACKBONE_BN_STATS
@@ -112,8 +113,8 @@ class _Model:
   """Backbone + neck as one Flax apply, variables nested as img_backbone / img_neck."""
 
   def __init__(self, dtype=jnp.float32, remat=False):
-    self.backbone = ResNet(**SMALL, dtype=dtype, remat=remat)
-    self.neck = FPN(out_channels=NECK_WIDTH, dtype=dtype)
+    self.backbone = ResNet(dataclasses.replace(SMALL, remat=remat), dtype=dtype)
+    self.neck = FPN(FPNConfig(out_channels=NECK_WIDTH), dtype=dtype)
 
   def init(self, img):
     # Shapes are all that is needed: every value is replaced by _randomise.
@@ -138,7 +139,7 @@ def twin():
   model = _Model()
   variables = _randomise(model.init(jnp.asarray(img)), rng)
   net = backbone_torch.BackboneNeck(
-    SMALL['stage_blocks'], SMALL['base_width'], (False, False, True, True), NECK_WIDTH
+    SMALL.stage_blocks, SMALL.base_width, SMALL.stage_with_dcn, NECK_WIDTH
   )
   net.load_state_dict(_to_state_dict(variables), strict=True)
   net.eval()
@@ -221,7 +222,8 @@ def test_bfloat16_and_remat_variants(twin):
 def test_fpn_extra_conv_relu_flag_and_nearest_resize():
   rng = np.random.default_rng(2)
   feats = [jnp.asarray(rng.normal(0, 1, (1, s, s, 4)), jnp.float32) for s in (8, 4, 2)]
-  plain, relu = FPN(out_channels=4), FPN(out_channels=4, relu_before_first_extra_conv=True)
+  plain = FPN(FPNConfig(out_channels=4))
+  relu = FPN(FPNConfig(out_channels=4, relu_before_first_extra_conv=True))
   variables = plain.init(jax.random.key(0), feats)
   outs, outs_relu = plain.apply(variables, feats), relu.apply(variables, feats)
   for a, b in zip(outs[:3], outs_relu[:3], strict=True):
@@ -230,3 +232,16 @@ def test_fpn_extra_conv_relu_flag_and_nearest_resize():
   x = jnp.arange(15.0).reshape(1, 3, 5, 1)
   t = torch.nn.functional.interpolate(torch.arange(15.0).reshape(1, 1, 3, 5), size=(7, 4))
   np.testing.assert_array_equal(np.asarray(resize_nearest(x, (7, 4)))[0, ..., 0], t[0, 0].numpy())
+
+
+def test_config_variants_shapes():
+  cfg = ResNetConfig(stage_blocks=(1, 1, 1, 1), base_width=8, stem_width=16, frozen_stages=-1)
+  img = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  params = jax.eval_shape(ResNet(cfg).init, jax.random.key(0), img)['params']
+  assert params['conv1']['kernel'].shape == (7, 7, 3, 16)
+  assert params['layer1_0']['conv1']['kernel'].shape == (1, 1, 16, 8)
+  assert params['layer1_0']['downsample_0']['kernel'].shape == (1, 1, 16, 32)
+  assert cfg.out_channels == (64, 128, 256)
+  assert ResNetConfig.from_depth(50).stage_blocks == (3, 4, 6, 3)
+  with pytest.raises(ValueError, match='depth'):
+    ResNetConfig.from_depth(34)

@@ -7,8 +7,8 @@ it always uses its running statistics (`batch_stats/mean`, `batch_stats/var`, ne
 keeps its affine `scale` / `bias` in `params`, where an optimiser mask can exclude them.
 """
 
+import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -118,43 +118,69 @@ class Bottleneck(nn.Module):
     return nn.relu(out + identity)
 
 
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  """ResNet configuration (mmdet names in brackets).
+
+  Attributes:
+    stage_blocks: blocks per stage (from `depth`); (3, 4, 23, 3) is ResNet-101.
+    base_width: planes of stage 1, doubling per stage; a stage outputs 4 x planes.
+    stem_width: channels of the stem conv; None = base_width (64 in every real ResNet).
+    stage_strides: stride of each stage's first block [strides].
+    stage_with_dcn: which stages use DCNv2 for conv2, in all their blocks [stage_with_dcn].
+    frozen_stages: the stem and stages 1..frozen_stages get no gradient; -1 = none frozen.
+    out_indices: 0-based stages whose outputs are returned; (1, 2, 3) = C3, C4, C5.
+    zero_init_residual: bn3 scale starts at 0 (mmdet's default; irrelevant once weights load).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+
+  stage_blocks: tuple[int, ...] = RESNET_STAGE_BLOCKS[101]
+  base_width: int = 64
+  stem_width: int | None = None
+  stage_strides: tuple[int, ...] = (1, 2, 2, 2)
+  stage_with_dcn: tuple[bool, ...] = (False, False, True, True)
+  frozen_stages: int = 1
+  out_indices: tuple[int, ...] = (1, 2, 3)
+  zero_init_residual: bool = True
+  remat: bool = False
+
+  @classmethod
+  def from_depth(cls, depth: int, **kwargs) -> 'ResNetConfig':
+    if depth not in RESNET_STAGE_BLOCKS:
+      raise ValueError(f'ResNet depth {depth} not in {sorted(RESNET_STAGE_BLOCKS)}')
+    return cls(stage_blocks=RESNET_STAGE_BLOCKS[depth], **kwargs)
+
+  @property
+  def out_channels(self) -> tuple[int, ...]:
+    """Channels of the returned stage outputs."""
+    return tuple(4 * self.base_width * 2**s for s in self.out_indices)
+
+
 class ResNet(nn.Module):
   """mmdet ResNet with caffe-style bottlenecks, frozen BN, optional DCNv2 per stage.
 
   Attributes:
-    stage_blocks: blocks per stage; (3, 4, 23, 3) is ResNet-101.
-    base_width: stem width and planes of stage 1 (doubling per stage); 64 in every real ResNet,
-      smaller only for tests.
-    stage_strides: stride of each stage's first block.
-    stage_with_dcn: which stages use DCNv2 for conv2 (all their blocks).
-    frozen_stages: the stem and stages 1..frozen_stages get no gradient (-1: nothing frozen).
-    out_indices: 0-based stages whose outputs are returned (1, 2, 3 = C3, C4, C5).
-    zero_init_residual: bn3 scale starts at 0 (mmdet default; irrelevant once weights load).
-    remat: rematerialise each block in the backward pass (saves activation memory).
+    config: the architecture (ResNetConfig; the default is the reference's R101-DCN).
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
   """
 
-  stage_blocks: Sequence[int] = RESNET_STAGE_BLOCKS[101]
-  base_width: int = 64
-  stage_strides: Sequence[int] = (1, 2, 2, 2)
-  stage_with_dcn: Sequence[bool] = (False, False, True, True)
-  frozen_stages: int = 1
-  out_indices: Sequence[int] = (1, 2, 3)
-  zero_init_residual: bool = True
-  remat: bool = False
+  config: ResNetConfig = ResNetConfig()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, img: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
     """img [N, H, W, 3] (normalised BGR) -> stage outputs [N, H / s, W / s, 4 * planes] for
     each of out_indices (s = 8, 16, 32 for C3, C4, C5)."""
-    if len(self.stage_with_dcn) != len(self.stage_blocks):
+    cfg = self.config
+    n_stages = len(cfg.stage_blocks)
+    if len(cfg.stage_with_dcn) != n_stages or len(cfg.stage_strides) != n_stages:
       raise ValueError(
-        f'stage_with_dcn {self.stage_with_dcn} needs one entry per stage {self.stage_blocks}'
+        f'ResNetConfig: stage_with_dcn {cfg.stage_with_dcn} and stage_strides '
+        f'{cfg.stage_strides} need one entry per stage of {cfg.stage_blocks}'
       )
     x = img.astype(self.dtype)
     x = nn.Conv(
-      self.base_width,
+      cfg.stem_width or cfg.base_width,
       (7, 7),
       strides=2,
       padding=((3, 3), (3, 3)),
@@ -165,26 +191,26 @@ class ResNet(nn.Module):
     )(x)
     x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    if self.frozen_stages >= 0:
+    if cfg.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
-    block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
+    block_cls = nn.remat(Bottleneck) if cfg.remat else Bottleneck
     outs = []
-    for s, blocks in enumerate(self.stage_blocks):
-      planes = self.base_width * 2**s
+    for s, blocks in enumerate(cfg.stage_blocks):
+      planes = cfg.base_width * 2**s
       for i in range(blocks):
         x = block_cls(
           planes,
-          stride=self.stage_strides[s] if i == 0 else 1,
+          stride=cfg.stage_strides[s] if i == 0 else 1,
           downsample=i == 0,
-          dcn=self.stage_with_dcn[s],
-          zero_init_residual=self.zero_init_residual,
+          dcn=cfg.stage_with_dcn[s],
+          zero_init_residual=cfg.zero_init_residual,
           dtype=self.dtype,
           name=f'layer{s + 1}_{i}',
         )(x)
-      if s + 1 <= self.frozen_stages:
+      if s + 1 <= cfg.frozen_stages:
         # Frozen stages need no gradient at all, so backpropagation stops here (as in torch,
         # where their parameters have requires_grad=False and the image needs no gradient).
         x = jax.lax.stop_gradient(x)
-      if s in self.out_indices:
+      if s in cfg.out_indices:
         outs.append(x)
     return tuple(outs)

@@ -4,6 +4,7 @@ Names mirror the PyTorch attributes: `lateral_convs_{i}/conv` and `fpn_convs_{i}
 ConvModules without norm or activation, all with bias).
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,8 +48,9 @@ def resize_nearest(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   return x[:, idx[0]][:, :, idx[1]]
 
 
-class FPN(nn.Module):
-  """FPN on backbone outputs [C3, C4, C5] (start_level 0).
+@dataclasses.dataclass(frozen=True)
+class FPNConfig:
+  """FPN configuration (start_level 0, no norm, no activation).
 
   Attributes:
     out_channels: width of every output level.
@@ -58,7 +60,6 @@ class FPN(nn.Module):
     relu_before_extra_convs: ReLU before the second and later extra convs (mmdet 2.x).
     relu_before_first_extra_conv: also before the first one. False reproduces the reference,
       whose P6 = fpn_convs[3](P5) has no ReLU (quirk 1 of the model spec).
-    dtype: compute dtype.
   """
 
   out_channels: int = 256
@@ -66,33 +67,47 @@ class FPN(nn.Module):
   add_extra_convs: str = 'on_output'
   relu_before_extra_convs: bool = True
   relu_before_first_extra_conv: bool = False
+
+
+class FPN(nn.Module):
+  """FPN on backbone outputs [C3, C4, C5].
+
+  Attributes:
+    config: FPNConfig (the default is the reference's neck).
+    dtype: compute dtype.
+  """
+
+  config: FPNConfig = FPNConfig()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, feats: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, ...]:
     """feats: [B, H_i, W_i, C_i] per input level -> num_outs maps [B, h_l, w_l, out_channels]."""
-    if self.add_extra_convs and self.add_extra_convs not in EXTRA_CONV_SOURCES:
-      raise ValueError(f'add_extra_convs {self.add_extra_convs!r} not in {EXTRA_CONV_SOURCES}')
+    cfg = self.config
+    if cfg.add_extra_convs and cfg.add_extra_convs not in EXTRA_CONV_SOURCES:
+      raise ValueError(
+        f'FPNConfig.add_extra_convs {cfg.add_extra_convs!r} not in {EXTRA_CONV_SOURCES}'
+      )
     n_in = len(feats)
-    if self.num_outs < n_in:
-      raise ValueError(f'num_outs {self.num_outs} < number of inputs {n_in}')
-    module = lambda k, s, name: ConvModule(self.out_channels, k, s, self.dtype, name=name)
+    if cfg.num_outs < n_in:
+      raise ValueError(f'FPNConfig.num_outs {cfg.num_outs} < number of inputs {n_in}')
+    module = lambda k, s, name: ConvModule(cfg.out_channels, k, s, self.dtype, name=name)
     laterals = [
       module(1, 1, f'lateral_convs_{i}')(f.astype(self.dtype)) for i, f in enumerate(feats)
     ]
     for i in range(n_in - 1, 0, -1):
       laterals[i - 1] = laterals[i - 1] + resize_nearest(laterals[i], laterals[i - 1].shape[1:3])
     outs = [module(3, 1, f'fpn_convs_{i}')(lat) for i, lat in enumerate(laterals)]
-    for i in range(n_in, self.num_outs):
-      if not self.add_extra_convs:
+    for i in range(n_in, cfg.num_outs):
+      if not cfg.add_extra_convs:
         outs.append(outs[-1][:, ::2, ::2])  # max_pool2d(kernel 1, stride 2)
         continue
       if i == n_in:
         source = {'on_input': feats[-1], 'on_lateral': laterals[-1], 'on_output': outs[-1]}[
-          self.add_extra_convs
+          cfg.add_extra_convs
         ].astype(self.dtype)
-        relu = self.relu_before_first_extra_conv
+        relu = cfg.relu_before_first_extra_conv
       else:
-        source, relu = outs[-1], self.relu_before_extra_convs
+        source, relu = outs[-1], cfg.relu_before_extra_convs
       outs.append(module(3, 2, f'fpn_convs_{i}')(nn.relu(source) if relu else source))
     return tuple(outs)
