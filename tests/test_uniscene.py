@@ -1,0 +1,114 @@
+"""The whole pre-training model: the manifest at base size, the twin, batching, camera order."""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import pretrain
+from tests.reference.uniscene_torch import UniSceneOccTorch
+from tests.test_bev_encoder import _rig
+from uniscene_jax import models
+from uniscene_jax.convert import key_map
+
+MANIFEST = os.path.join(
+  os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'bevformer_occ_keys.json'
+)
+
+
+def test_base_model_keys_shapes_and_count_equal_the_manifest():
+  abstract = jax.eval_shape(lambda: models.init_variables(pretrain.get_config(), jax.random.key(0)))
+  got = key_map.to_torch_shapes(abstract)
+  manifest = json.loads(pathlib.Path(MANIFEST).read_text())
+  assert got == {k: (tuple(v['shape']), v['dtype']) for k, v in manifest.items()}
+  assert sum(x.size for x in jax.tree.leaves(abstract['params'])) == 62_897_984
+
+
+def _small_config():
+  cfg = pretrain.get_config('tiny')
+  cfg.data.image_size = (60, 90)  # padded to 64 x 96
+  cfg.model.bev_h, cfg.model.bev_w = 10, 12
+  cfg.model.num_layers = 2
+  return models.model_config_from(cfg)
+
+
+@pytest.fixture(scope='module')
+def small():
+  mc = _small_config()
+  variables = jax.jit(lambda k: models.init_variables(mc, k))(jax.random.key(0))
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [
+    x + 0.05 * jax.random.normal(k, x.shape) * (1 + jnp.abs(x).mean())
+    for x, k in zip(leaves, keys, strict=True)
+  ]
+  variables = jax.tree.unflatten(tree, leaves)
+  variables['batch_stats'] = jax.tree.map(jnp.abs, variables['batch_stats'])
+  return mc, models.build_model(mc), variables
+
+
+def _queue(b, seed=0):
+  rng = np.random.default_rng(seed)
+  t = 3
+  img = rng.normal(0, 30, (b, t, 6, 64, 96, 3)).astype(np.float32)
+  lidar2img, ego2lidar = _rig(b)
+  lidar2img = np.repeat(lidar2img[:, None], t, 1)
+  ego2lidar = np.repeat(ego2lidar[:, None], t, 1)
+  can = np.zeros((b, t, 18), np.float32)
+  can[:, :, :2] = rng.normal(0, 1, (b, t, 2))
+  can[:, :, 16] = 0.4
+  can[:, :, 17] = rng.uniform(-20, 20, (b, t))
+  exists = np.array([[False, True, True]] * b)
+  return img, lidar2img, ego2lidar, can, exists
+
+
+def test_model_matches_the_twin(small):
+  mc, model, variables = small
+  img, lidar2img, ego2lidar, can, exists = _queue(1)
+  logits, aux = jax.jit(lambda v, *a: model.apply(v, *a))(
+    variables, img, lidar2img, ego2lidar, can, exists
+  )
+  enc, occ = mc.head.encoder, mc.head.occupancy
+  twin = UniSceneOccTorch(
+    mc.backbone.stage_blocks, mc.backbone.base_width, mc.backbone.stage_with_dcn, enc, occ
+  )
+  sd = {k: torch.from_numpy(v) for k, v in key_map.to_torch_arrays(variables).items()}
+  twin.load_state_dict(sd, strict=True)
+  twin.eval()
+  with torch.no_grad():
+    want, bev = twin(
+      torch.from_numpy(img).permute(0, 1, 2, 5, 3, 4),
+      torch.from_numpy(lidar2img),
+      torch.from_numpy(ego2lidar),
+      can.astype(np.float64),
+      list(exists[0]),
+    )
+  scale = float(np.abs(want.numpy()).max())
+  np.testing.assert_allclose(aux['bev_embed'], bev.numpy(), atol=2e-4, rtol=2e-4)
+  np.testing.assert_allclose(logits, want.numpy(), atol=2e-4 * scale, rtol=1e-4)
+
+
+def test_batch_of_two_and_camera_order(small):
+  mc, model, variables = small
+  img, lidar2img, ego2lidar, can, exists = _queue(2, seed=1)
+  exists[1, 1] = False  # the second sample starts a new scene at its middle frame
+  fn = jax.jit(lambda v, *a: model.apply(v, *a)[0])
+  both = fn(variables, img, lidar2img, ego2lidar, can, exists)
+  for j in range(2):
+    one = fn(variables, *(x[j : j + 1] for x in (img, lidar2img, ego2lidar, can, exists)))
+    np.testing.assert_allclose(both[j : j + 1], one, atol=1e-4, rtol=1e-4)
+  # Cameras are told apart by their matrices and embeddings: permuting images, matrices and the
+  # camera embedding table together leaves the prediction unchanged.
+  perm = np.array([3, 0, 5, 1, 4, 2])
+  swapped = jax.tree.map(lambda x: x, variables)
+  cams = variables['params']['pts_bbox_head']['transformer']['cams_embeds']
+  swapped['params']['pts_bbox_head']['transformer']['cams_embeds'] = cams[perm]
+  out = fn(swapped, img[:, :, perm], lidar2img[:, :, perm], ego2lidar, can, exists)
+  np.testing.assert_allclose(out, both, atol=1e-4, rtol=1e-4)
+  assert dataclasses.is_dataclass(mc)

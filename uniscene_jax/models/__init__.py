@@ -1,0 +1,50 @@
+"""Flax models. `build_model` and `init_variables` are the entry points other parts use."""
+
+import jax.numpy as jnp
+
+
+def model_config_from(config):
+  """A ModelConfig from an experiment config (ml_collections) or a ModelConfig itself."""
+  from uniscene_jax.models.uniscene import ModelConfig
+
+  if isinstance(config, ModelConfig):
+    return config
+  from uniscene_jax.models.config import model_config
+
+  return model_config(config)
+
+
+def build_model(config):
+  """The pre-training model (UniSceneOcc) of an experiment config or a ModelConfig."""
+  from uniscene_jax.models.uniscene import UniSceneOcc
+
+  return UniSceneOcc(model_config_from(config))
+
+
+def init_variables(config, rng) -> dict:
+  """{'params', 'batch_stats'} without data; works under jax.eval_shape.
+
+  Every module is run once on inputs of the right widths: the convolutions on a small image
+  (their parameters do not depend on its size), the head on zero features of the configured
+  levels.
+  """
+  cfg = model_config_from(config)
+  model = build_model(cfg)
+  head, enc = cfg.head, cfg.head.encoder
+
+  def touch(module):
+    b, n = 1, head.num_cams
+    module.features(jnp.zeros((b, n, 64, 64, 3)))
+    feats = [jnp.zeros((b, n, h, w, enc.embed_dims)) for h, w in enc.spatial_shapes]
+    bev, _ = module.pts_bbox_head.bev(
+      feats,
+      jnp.tile(jnp.eye(4), (b, n, 1, 1)),
+      jnp.tile(jnp.eye(4), (b, 1, 1)),
+      jnp.zeros((b, 18)),
+      jnp.zeros((b, enc.bev_h * enc.bev_w, enc.embed_dims)),
+      jnp.zeros((b,), bool),
+    )
+    return module.occupancy(bev)
+
+  variables = model.init(rng, method=touch)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}

@@ -1,0 +1,95 @@
+"""The pre-training model (the reference's BEVFormerOcc): cameras -> BEV -> occupancy logits.
+
+`UniSceneOcc` holds `img_backbone` (ResNet-101-DCN), `img_neck` (FPN) and `pts_bbox_head` (BEV
+queries, encoder, occupancy layers). A training sample is a queue of T frames: the first T - 1 run
+through backbone and encoder without gradients and in inference mode, each passing its BEV to the
+next (reset where prev_bev_exists is False), inside one `nn.scan`; the last frame runs with
+gradients and gives the occupancy logits.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uniscene_jax.models import backbone as backbone_lib
+from uniscene_jax.models import fpn as fpn_lib
+from uniscene_jax.models.heads import BEVHead, HeadConfig
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  backbone: backbone_lib.ResNetConfig = backbone_lib.ResNetConfig()
+  neck: fpn_lib.FPNConfig = fpn_lib.FPNConfig()
+  head: HeadConfig = HeadConfig()
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+
+class UniSceneOcc(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.dtype not in DTYPES:
+      raise ValueError(f'model dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}')
+    dtype = DTYPES[cfg.dtype]
+    self.img_backbone = backbone_lib.ResNet(cfg.backbone, dtype=dtype)
+    self.img_neck = fpn_lib.FPN(cfg.neck, dtype=dtype)
+    self.pts_bbox_head = BEVHead(cfg.head, dtype=dtype)
+
+  def features(self, img: jnp.ndarray) -> list[jnp.ndarray]:
+    """img [B, N, H, W, 3] normalised BGR -> per FPN level [B, N, h, w, C]."""
+    b, n = img.shape[:2]
+    feats = self.img_neck(self.img_backbone(img.reshape(b * n, *img.shape[2:])))
+    return [f.reshape(b, n, *f.shape[1:]) for f in feats]
+
+  def frame(self, img, lidar2img, ego2lidar, can_bus, prev_bev, prev_exists, train=False):
+    """One frame -> (bev [B, HW, C], aux)."""
+    return self.pts_bbox_head.bev(
+      self.features(img), lidar2img, ego2lidar, can_bus, prev_bev, prev_exists, train
+    )
+
+  def occupancy(self, bev, train=False):
+    return self.pts_bbox_head.occupancy(bev, train)
+
+  def __call__(self, img, lidar2img, ego2lidar, can_bus, prev_bev_exists, train=False):
+    """A batch of queues -> (logits [B, X, Y, Z, classes] float32, aux).
+
+    Args:
+      img: [B, T, N, H, W, 3] normalised (augmented) images, frames in time order.
+      lidar2img: [B, T, N, 4, 4]; ego2lidar: [B, T, 4, 4]; can_bus: [B, T, 18] with the queue's
+        deltas; prev_bev_exists: [B, T] bool.
+    aux: 'bev_embed' [B, HW, C] of the current frame, 'sca_overflow' [B].
+    """
+    enc = self.config.head.encoder
+    b, t = img.shape[:2]
+    prev = jnp.zeros((b, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
+    if t > 1:
+
+      def history(module, prev, frame):
+        bev, _ = module.frame(*frame[:4], prev, frame[4], False)
+        return jax.lax.stop_gradient(bev).astype(jnp.float32), None
+
+      scan = nn.scan(
+        history,
+        variable_broadcast=('params', 'batch_stats'),
+        split_rngs={'params': False, 'dropout': False},
+      )
+      frames = tuple(
+        jnp.swapaxes(x[:, :-1], 0, 1) for x in (img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
+      )
+      prev, _ = scan(self, prev, frames)
+    bev, aux = self.frame(
+      img[:, -1],
+      lidar2img[:, -1],
+      ego2lidar[:, -1],
+      can_bus[:, -1],
+      prev,
+      prev_bev_exists[:, -1],
+      train,
+    )
+    logits = self.occupancy(bev, train)
+    return logits, {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
