@@ -1,8 +1,18 @@
 """Shared test fixtures: the embedded synthetic nuScenes world, written once per test session."""
 
+import os
+import tempfile
+
+import jax
 import pytest
 
 from uniscene_jax.data import synthetic_world
+
+# Tests compile the same small models many times (each train run builds its own jit): a
+# compilation cache for this session makes the repeats cheap. Subprocesses inherit it.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 @pytest.fixture(scope='session')
