@@ -4,7 +4,7 @@ r"""Entry point: pre-training, fine-tuning and evaluation.
         [--mode=train|eval] [--config.field=value ...]
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -22,6 +22,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from uniscene_jax import sharding
 
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO lines would bury the progress bar
   sharding.maybe_initialize_distributed()
   if FLAGS.mode == 'train':
     from uniscene_jax import train

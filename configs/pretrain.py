@@ -6,8 +6,8 @@ r"""UniScene pre-training: BEVFormer-base encoder + occupancy head on multi-swee
 Presets (`:name`):
   base   the reference recipe: R101-DCN + FPN, BEV 200 x 200 x 256, 6 layers, 928 x 1600 inputs,
          queue 4, global batch 8, AdamW 2e-4, 24 epochs (default).
-  local  the same network scaled down to train on a laptop CPU: small backbone and BEV channels,
-         the full 200 x 200 BEV (the label grid), small images.
+  local  the same network scaled down to train on a laptop CPU in minutes: small backbone and
+         channels, a 50 x 50 BEV (targets max-pooled 4 x 4), the synthetic world's images.
   tiny   like local, smaller still: for tests and smoke runs.
   semantic  base with 18-class Occ3D targets instead of binary occupancy.
 Any field can be overridden: --config.model.dtype=bfloat16 --config.batch_size=16.
@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.init_from = ''  # a workdir or a PyTorch .pth (FCOS3D, BEVFormer, UniScene)
+  c.eval_at_end = True  # occupancy IoU on the val split after training
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = 'data/tfds'
@@ -90,6 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.num_classes = 18
   if preset in ('local', 'tiny'):
     c.data.name = 'nuscenes_occ/mini'
+    c.data.target_pool = 4  # a 50 x 50 BEV of 2 m cells; targets max-pooled to match
+    m.bev_h = m.bev_w = 50
     c.data.image_size = (225, 400)  # the synthetic world's default images
     c.data.worker_count = 0
     c.batch_size = 1
@@ -106,8 +109,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dropout = 0.0
   if preset == 'tiny':
     c.data.queue_length = 2
-    c.data.target_pool = 4
-    m.bev_h = m.bev_w = 50
     c.num_steps = 4
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2

@@ -1,5 +1,6 @@
 """The train step and loop: compiled once, no host transfers, devices agree, exact resumption."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,14 +103,15 @@ def test_four_devices_equal_one_device():
 
 
 def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
-  def run(workdir, steps):
+  def run(workdir, steps, evaluate=False):
     cfg = pretrain.get_config('tiny')
     cfg.num_steps = steps
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
+    cfg.eval_at_end = evaluate
     return train.train_and_evaluate(cfg, str(workdir), str(tfds_dir))
 
-  full = run(tmp_path / 'full', 4)
+  full = run(tmp_path / 'full', 4, evaluate=True)
   run(tmp_path / 'cut', 2)
   resumed = run(tmp_path / 'cut', 4)
   assert [m['step'] for m in resumed.metrics] == [3, 4]
@@ -122,3 +124,9 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
     resumed.state.params,
   )
   assert jnp.all(jnp.isfinite(full.state.params['pts_bbox_head']['bev_embedding']['embedding']))
+  # The uninterrupted run evaluated the val split in video mode and logged to TensorBoard.
+  result = json.loads((tmp_path / 'full' / 'eval_val_step4.json').read_text())
+  assert result['frames'] == 9 and 0 <= result['iou_occupied'] <= 1
+  assert 0 < result['all_free_miou'] < 50 and 'mIoU' in result['table']
+  assert list((tmp_path / 'full' / 'tensorboard').glob('events.out.tfevents.*'))
+  assert not (tmp_path / 'cut' / 'eval_val_step4.json').exists()

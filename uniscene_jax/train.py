@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 
 from uniscene_jax import losses, optim, sharding
 from uniscene_jax.checkpoint import Checkpoints
 from uniscene_jax.data import augment
 from uniscene_jax.data import input_pipeline as ip
+from uniscene_jax.summary import SummaryWriter
 
 
 @flax.struct.dataclass
@@ -132,10 +134,102 @@ def _steps_per_epoch(config, data_dir, per_process: int, process_count: int) -> 
   return max(1, n // process_count // per_process)
 
 
+CACHE_ENV = 'UNISCENE_JAX_CACHE'
+
+
+def dataset_status(data_dir: str, name: str) -> str:
+  """'ready', 'missing' or 'incomplete' for a TFDS build of `name` ('nuscenes_occ/mini')."""
+  root = os.path.join(data_dir, *name.split('/'))
+  if not os.path.isdir(root):
+    return 'missing'
+  entries = os.listdir(root)
+  if any(os.path.isfile(os.path.join(root, e, 'dataset_info.json')) for e in entries):
+    return 'ready'
+  return 'incomplete' if entries else 'missing'
+
+
+def prepare_data(config, data_dir: str | None = None) -> str:
+  """The data_dir to read; builds the embedded synthetic world when no nuScenes build exists.
+
+  Without a build of config.data.name in the data dir, the synthetic world is written and built
+  once into a cache directory ($UNISCENE_JAX_CACHE, else ~/.cache/uniscene_jax) and the config
+  takes the `:local` preset, printing what changed.
+  """
+  data_dir = data_dir or config.data.data_dir
+  status = dataset_status(data_dir, config.data.name)
+  if status == 'ready':
+    return data_dir
+  path = os.path.join(data_dir, *config.data.name.split('/'))
+  if status == 'incomplete':
+    raise ValueError(
+      f'{path}: holds a half-built dataset (no dataset_info.json); remove it or rebuild with '
+      f'tfds build data_builders/nuscenes_occ --overwrite'
+    )
+  cache = os.environ.get(CACHE_ENV) or os.path.join(
+    os.path.expanduser('~'), '.cache', 'uniscene_jax'
+  )
+  tfds_dir = os.path.join(cache, 'tfds')
+  print(
+    f'No {config.data.name} build in {data_dir}: using the embedded synthetic nuScenes world '
+    f'(cached in {cache})',
+    flush=True,
+  )
+  _apply_local_preset(config)
+  if dataset_status(tfds_dir, config.data.name) != 'ready':
+    _build_synthetic(cache, tfds_dir)
+  return tfds_dir
+
+
+def _apply_local_preset(config) -> None:
+  from configs import pretrain
+
+  local = pretrain.get_config('local')
+  base = pretrain.get_config(config.get('preset', 'base'))
+  changed = []
+  with config.unlocked():
+    for key, value in flax.traverse_util.flatten_dict(local.to_dict(), sep='.').items():
+      if key == 'preset':
+        continue
+      old = _get(base, key)
+      if old != value and _get(config, key) == old:  # keep what the user set explicitly
+        _set(config, key, value)
+        changed.append(f'{key}={value!r}')
+    config.preset = 'local'
+  if changed:
+    print('Applied the :local preset: ' + ', '.join(changed), flush=True)
+
+
+def _get(config, dotted):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def _set(config, dotted, value):
+  *parents, last = dotted.split('.')
+  for part in parents:
+    config = config[part]
+  config[last] = value
+
+
+def _build_synthetic(cache: str, tfds_dir: str) -> None:
+  import tensorflow_datasets as tfds
+
+  from data_builders.nuscenes_occ import nuscenes_occ_dataset_builder as nbuilder
+  from uniscene_jax.data import synthetic_world
+
+  world = os.path.join(cache, 'synthetic_world')
+  if not os.path.isfile(os.path.join(world, 'synthetic_world.json')):
+    synthetic_world.write_world(world, synthetic_world.WorldOptions(), overwrite=True)
+  nbuilder.Builder(data_dir=tfds_dir, config='mini').download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=world)
+  )
+
+
 def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run:
   from uniscene_jax.models import build_model, init_variables, model_config_from
 
-  data_dir = data_dir or config.data.data_dir
+  data_dir = prepare_data(config, data_dir)
   mesh = sharding.make_mesh()
   process_count, process_index = jax.process_count(), jax.process_index()
   if config.batch_size % jax.device_count():
@@ -196,13 +290,21 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
     donate_argnums=(0,),
   )
   step = int(state.step)
-  history = []
-  pending = None
-  t0 = time.time()
+  lr = optim.lr_schedule(
+    config.optim.learning_rate, steps_per_epoch, config.optim.num_epochs, config.optim.warmup_steps
+  )
+  main_process = process_index == 0
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
+  bar = tqdm.tqdm(
+    total=total_steps, initial=step, disable=not main_process, desc='train', dynamic_ncols=True
+  )
+  history, pending = [], None
+  t0, t0_step = time.time(), step
   while step < total_steps:
     batch = sharding.device_batch(next(data_iter), mesh)
     state, metrics = step_fn(state, batch)
     step += 1
+    # Metrics are read one step late, so the host never waits on the step it just dispatched.
     if pending is not None:
       history.append(_check(*pending))
     pending = (step, metrics)
@@ -210,19 +312,40 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       history.append(_check(*pending))
       pending = None
       m = history[-1]
-      rate = config.log_every_steps / max(time.time() - t0, 1e-9)
-      t0 = time.time()
-      print(
-        f'step {step}/{total_steps} loss_occ {m["loss_occ"]:.5f} grad_norm {m["grad_norm"]:.3f}'
-        f' ({rate:.2f} steps/s)',
-        flush=True,
+      rate = (step - t0_step) / max(time.time() - t0, 1e-9)
+      t0, t0_step = time.time(), step
+      writer.scalars(
+        step,
+        {
+          'train/loss_occ': m['loss_occ'],
+          'train/grad_norm': m['grad_norm'],
+          'train/lr': float(lr(step - 1)),
+          'train/steps_per_second': rate,
+          'train/samples_per_second': rate * config.batch_size,
+        },
       )
-    ckpt.save(step, state, data_iter.get_state(), force=step == total_steps)
+      bar.set_postfix(loss=f'{m["loss_occ"]:.4f}', refresh=False)
+    bar.update(1)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      ckpt.save(step, state, data_iter.get_state(), force=True)
+  bar.close()
   if pending is not None:
     history.append(_check(*pending))
   ckpt.close()
+  writer.flush()
   _write_json(os.path.join(workdir, 'metrics.json'), history)
+  if config.eval_at_end and main_process:
+    from uniscene_jax import evaluate
+
+    result = evaluate.evaluate(config, workdir, data_dir)
+    writer.scalars(step, {f'eval/{k}': v for k, v in result.items() if _is_number(v)})
+    writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
+  writer.close()
   return Run(state=state, step=step, metrics=history)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def warm_start(source: str, params):

@@ -1,0 +1,153 @@
+"""Occupancy evaluation on a split, frame by frame in time order (the reference's video mode).
+
+    python main.py --config=configs/pretrain.py --mode=eval --workdir=W [--data_dir=D]
+
+Each frame reuses the previous frame's BEV when both are in the same scene (can_bus deltas to
+that frame), else starts without history. Binary targets give the IoU of occupied and free voxels
+over the whole grid (and the all-free prediction's as a baseline); Occ3D targets give the
+benchmark's mIoU over camera-visible voxels with its per-class table. Results are printed and
+written to <workdir>/eval_<split>_step<N>.json.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniscene_jax import metrics, summary
+from uniscene_jax.data import augment
+from uniscene_jax.data import input_pipeline as ip
+
+
+def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """({'params', 'batch_stats'}, step) of a workdir's checkpoint (the latest by default)."""
+  import orbax.checkpoint as ocp
+
+  from uniscene_jax.checkpoint import Checkpoints
+
+  ckpt = Checkpoints(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f'{ckpt.directory}: no checkpoint to evaluate')
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  state = restored['state']
+  return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
+
+
+def make_eval_step(model, config):
+  valid_hw = tuple(config.data.image_size)
+  classes = config.model.num_classes
+  pool = config.data.target_pool
+
+  def step(variables, frame, prev_bev, prev_exists, confusion):
+    img = augment.normalize(frame['img'].astype(jnp.float32), valid_hw)
+    bev, _ = model.apply(
+      variables,
+      img,
+      frame['lidar2img'],
+      frame['ego2lidar'],
+      frame['can_bus'],
+      prev_bev,
+      prev_exists,
+      method=model.frame,
+    )
+    logits = model.apply(variables, bev, method=model.occupancy)
+    pred = jnp.argmax(logits, -1)
+    target = frame['occ_target']
+    mask = frame.get('occ_mask_camera')
+    if pool > 1:
+      from uniscene_jax.train import pool_target
+
+      target = pool_target(target, pool)
+    if classes != metrics.NUM_CLASSES:
+      mask = None  # binary occupancy: every voxel of the grid
+    confusion = metrics.confusion_update(confusion, pred, target, mask)
+    return bev.astype(jnp.float32), confusion, pred[0], target[0]
+
+  return step
+
+
+def _frame(record, previous, target: str) -> tuple[dict, bool]:
+  """Host inputs of one frame (batch of 1) and whether it continues the previous frame."""
+  same = previous is not None and previous['scene_token'] == record['scene_token']
+  can = np.array(record['can_bus'], np.float64)
+  if same:
+    can[:3] -= previous['can_bus'][:3]
+    can[17] -= previous['can_bus'][17]
+  else:
+    can[:3] = 0.0
+    can[17] = 0.0
+  frame = {
+    'img': ip.pad_images(record['images'])[None],
+    'lidar2img': record['lidar2img'][None].astype(np.float32),
+    'ego2lidar': record['ego2lidar'][None].astype(np.float32),
+    'can_bus': can[None].astype(np.float32),
+    'occ_target': (record['occ_binary'] if target == 'binary' else record['occ_semantics'])[None],
+  }
+  if target == 'occ3d':
+    frame['occ_mask_camera'] = record['occ_mask_camera'][None]
+  return frame, same
+
+
+def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None = None) -> dict:
+  from uniscene_jax.models import build_model, model_config_from
+  from uniscene_jax.train import prepare_data
+
+  data_dir = prepare_data(config, data_dir)
+  mc = model_config_from(config)
+  model = build_model(mc)
+  variables, step = load_variables(workdir, step)
+  split = config.data.val_split
+  source = ip.open_source(data_dir, config.data.name, split)
+  enc = mc.head.encoder
+  classes = config.model.num_classes
+  eval_step = jax.jit(make_eval_step(model, config))
+  confusion = jnp.zeros((classes, classes), jnp.int32)
+  prev_bev = jnp.zeros((1, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
+  previous = None
+  for i in range(len(source)):  # frames in (scene, time) order
+    record = source[i]
+    frame, same = _frame(record, previous, config.data.target)
+    prev_bev, confusion, pred, target = eval_step(
+      variables, frame, prev_bev, jnp.asarray([same]), confusion
+    )
+    previous = record
+  result = summarize(np.asarray(confusion), classes)
+  result.update(step=step, split=split, frames=len(source))
+  print(f'{split} ({len(source)} frames, step {step}): {result["table"]}', flush=True)
+  path = os.path.join(workdir, f'eval_{split}_step{step}.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + '.tmp', path)
+  free = 0 if classes != metrics.NUM_CLASSES else metrics.NUM_CLASSES - 1
+  gap = np.full((np.asarray(pred).shape[1], 4, 3), 255, np.uint8)
+  result['picture'] = np.concatenate(  # last frame: target | prediction
+    [summary.top_view(np.asarray(target), free), gap, summary.top_view(np.asarray(pred), free)], 1
+  )
+  return result
+
+
+def summarize(confusion: np.ndarray, classes: int) -> dict:
+  iou = metrics.per_class_iou(confusion)
+  if classes == metrics.NUM_CLASSES:
+    return {
+      'miou': metrics.occ3d_miou(confusion),
+      'iou': [None if np.isnan(v) else float(v) for v in iou],
+      'table': metrics.miou_table(confusion),
+    }
+  total = confusion.sum()
+  free_fraction = confusion[0].sum() / max(total, 1)  # IoU of free when predicting all free
+  result = {
+    'iou_occupied': float(iou[1]),
+    'iou_free': float(iou[0]),
+    'miou': float(np.nanmean(iou) * 100),
+    'all_free_miou': float(free_fraction / 2 * 100),
+  }
+  result['table'] = (
+    f'occupied IoU {result["iou_occupied"] * 100:.2f}  free IoU {result["iou_free"] * 100:.2f}  '
+    f'mIoU {result["miou"]:.2f} (all-free prediction: {result["all_free_miou"]:.2f})'
+  )
+  return result
