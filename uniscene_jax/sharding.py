@@ -12,20 +12,31 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = 'data'
-# Environment variables that mean "this is one process of several".
-_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES')
+
+
+def _int_env(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
 
 
 def maybe_initialize_distributed() -> bool:
-  """Calls jax.distributed.initialize() when the usual environment asks for several processes.
+  """Calls jax.distributed.initialize() when the environment describes several processes.
 
-  Returns whether it initialised.
+  JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or a Slurm or Open MPI
+  job of more than one task (detected by JAX itself). Returns whether it initialised.
   """
-  if not any(os.environ.get(k) for k in _MULTIHOST_ENV):
+  explicit = bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
+  tasks = max(_int_env('SLURM_NTASKS') or 1, _int_env('OMPI_COMM_WORLD_SIZE') or 1)
+  if not explicit and tasks <= 1:
     return False
   # Affects only the CPU backend, whose cross-process collectives need gloo.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize()
+  kwargs = {}
+  if explicit:
+    kwargs = dict(
+      num_processes=_int_env('JAX_NUM_PROCESSES'), process_id=_int_env('JAX_PROCESS_ID')
+    )
+  jax.distributed.initialize(**kwargs)
   return True
 
 
