@@ -153,3 +153,32 @@ def test_gradients_flow_through_capacity_selection():
   g_cap = jax.grad(lambda f: loss(capped, f))(args['feats'])
   np.testing.assert_allclose(g_cap, g_full, atol=1e-4, rtol=1e-4)
   assert np.abs(np.asarray(g_full)).sum() > 0
+
+
+def test_remat_and_bfloat16():
+  inputs = _inputs(1, seed=7)
+  enc, variables = _variables(CFG, inputs)
+  args = {k: jnp.asarray(v) for k, v in inputs.items()}
+  exists = jnp.ones(1, bool)
+
+  def loss(model, params):
+    out, _ = model.apply({'params': params}, **args, prev_exists=exists)
+    return jnp.sum(out.astype(jnp.float32) * args['bev_pos'])
+
+  remat = BEVFormerEncoder(dataclasses.replace(CFG, remat=True))
+  g = jax.grad(lambda p: loss(enc, p))(variables['params'])
+  g_remat = jax.grad(lambda p: loss(remat, p))(variables['params'])
+
+  # Recomputation fuses differently: float32 rounding, within 1e-4 of each tensor's largest value.
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()) + 1e-8)
+
+  jax.tree.map(close, g_remat, g)
+  out32, _ = enc.apply(variables, **args, prev_exists=exists)
+  out16, _ = BEVFormerEncoder(CFG, dtype=jnp.bfloat16).apply(variables, **args, prev_exists=exists)
+  assert out16.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(out16, np.float32) - np.asarray(out32))
+  assert (
+    err.mean() < 0.05
+    and np.corrcoef(np.asarray(out16, np.float32).ravel(), out32.ravel())[0, 1] > 0.99
+  )

@@ -15,18 +15,14 @@ def _load_into_torch(variables, model):
   sd = {}
   for i in range(2):
     k = np.asarray(p[f'decoder_{i}']['conv']['kernel'])  # DHWIO
-    sd[f'decoder.{i}.conv.weight'] = torch.from_numpy(k.transpose(4, 3, 0, 1, 2).copy())
+    sd[f'decoder.{i}.conv.weight'] = torch.tensor(k.transpose(4, 3, 0, 1, 2).copy())
     sd[f'decoder.{i}.bn.weight'] = torch.tensor(np.asarray(p[f'decoder_{i}']['bn']['scale']))
     sd[f'decoder.{i}.bn.bias'] = torch.tensor(np.asarray(p[f'decoder_{i}']['bn']['bias']))
-    sd[f'decoder.{i}.bn.running_mean'] = torch.from_numpy(
-      np.asarray(s[f'decoder_{i}']['bn']['mean'])
-    )
+    sd[f'decoder.{i}.bn.running_mean'] = torch.tensor(np.asarray(s[f'decoder_{i}']['bn']['mean']))
     sd[f'decoder.{i}.bn.running_var'] = torch.tensor(np.asarray(s[f'decoder_{i}']['bn']['var']))
     sd[f'decoder.{i}.bn.num_batches_tracked'] = torch.tensor(0)
   for i in (0, 2):
-    sd[f'predicter.{i}.weight'] = torch.from_numpy(
-      np.asarray(p[f'predicter_{i}']['kernel']).T.copy()
-    )
+    sd[f'predicter.{i}.weight'] = torch.tensor(np.asarray(p[f'predicter_{i}']['kernel']).T.copy())
     sd[f'predicter.{i}.bias'] = torch.tensor(np.asarray(p[f'predicter_{i}']['bias']))
   model.load_state_dict(sd, strict=True)
 
@@ -47,13 +43,13 @@ def test_head_matches_torch_in_train_and_eval_mode():
   out = head.apply(variables, jnp.asarray(bev), train=False)
   assert out.shape == (1, 10, 12, 16, 2)  # [B, X = W, Y = H, Z, classes]
   with torch.no_grad():
-    want = twin(torch.from_numpy(bev)).numpy()
+    want = twin(torch.tensor(bev)).numpy()
   np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
   # Train mode: batch statistics, and running statistics moved as torch moves them.
   out, updates = head.apply(variables, jnp.asarray(bev), train=True, mutable=['batch_stats'])
   twin.train()
   with torch.no_grad():
-    want = twin(torch.from_numpy(bev)).numpy()
+    want = twin(torch.tensor(bev)).numpy()
   np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
   for i in range(2):
     bn = twin.decoder[i].bn
@@ -83,18 +79,16 @@ def test_focal_loss_matches_mmdet_formula():
   logits[0, 0, 0, 0] = [60.0, -60.0]  # saturated sigmoids stay finite
   labels = rng.integers(0, 2, size=(2, 6, 5, 4))
   got = losses.occupancy_focal_loss(jnp.asarray(logits), jnp.asarray(labels))
-  want = focal_loss_torch(
-    torch.from_numpy(logits.reshape(-1, 2)), torch.from_numpy(labels.reshape(-1))
-  )
+  want = focal_loss_torch(torch.tensor(logits.reshape(-1, 2)), torch.tensor(labels.reshape(-1)))
   np.testing.assert_allclose(got, want.item(), rtol=1e-6)
   mask = rng.integers(0, 2, size=labels.shape)
   logits18 = rng.normal(size=(2, 6, 5, 4, 18)).astype(np.float32)
   labels18 = rng.integers(0, 18, size=labels.shape)
   got = losses.occupancy_focal_loss(jnp.asarray(logits18), jnp.asarray(labels18), jnp.asarray(mask))
   want = focal_loss_torch(
-    torch.from_numpy(logits18.reshape(-1, 18)),
-    torch.from_numpy(labels18.reshape(-1)),
-    weight=torch.from_numpy(mask.reshape(-1).astype(np.float32)),
+    torch.tensor(logits18.reshape(-1, 18)),
+    torch.tensor(labels18.reshape(-1)),
+    weight=torch.tensor(mask.reshape(-1).astype(np.float32)),
   )
   np.testing.assert_allclose(got, want.item(), rtol=1e-6)
   grad = jax.grad(lambda x: losses.occupancy_focal_loss(x, jnp.asarray(labels)))(
