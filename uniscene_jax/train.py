@@ -281,7 +281,10 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
     logging.info('resumed from %s at step %d', ckpt.directory, start)
     print(f'Resuming from step {start} ({ckpt.directory})', flush=True)
   elif config.init_from:
-    state = state.replace(params=warm_start(config.init_from, state.params))
+    params, batch_stats = warm_start(config.init_from, state.params, state.batch_stats)
+    state = state.replace(
+      params=jax.device_put(params, replicated), batch_stats=jax.device_put(batch_stats, replicated)
+    )
 
   step_fn = jax.jit(
     make_train_step(model, tx, config),
@@ -348,34 +351,52 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def warm_start(source: str, params):
-  """params with every tensor of the same path and shape taken from `source`.
+def warm_start(source: str, params, batch_stats):
+  """(params, batch_stats) with every tensor found in `source` loaded, the rest as initialised.
 
-  source: a workdir (its latest checkpoint). Tensors absent from the source or of another shape
-  keep their initial values; both lists are printed.
+  source: a PyTorch .pth (FCOS3D, BEVFormer or UniScene; mapped by the reference's key names) or
+  a workdir (its latest checkpoint; tensors of the same path and shape). What was loaded, kept
+  and skipped is printed.
   """
   if source.endswith('.pth'):
-    raise ValueError(f'config.init_from={source!r}: importing PyTorch weights is not available yet')
+    from uniscene_jax.convert import from_torch
+
+    state_dict = from_torch.load_state_dict(source)
+    variables, report = from_torch.variables_from_state_dict(
+      state_dict, {'params': params, 'batch_stats': batch_stats}
+    )
+    print(f'init_from {source}: {report.summary()}')
+    for key, reason in sorted(report.skipped.items()):
+      if not key.endswith('num_batches_tracked'):
+        print(f'  skipped {key}: {reason}')
+    for key in report.missing:
+      print(f'  kept as initialised: {key}')
+    return variables['params'], variables['batch_stats']
   ckpt = Checkpoints(source)
   step = ckpt.latest_step()
   if step is None:
     raise ValueError(f'config.init_from={source!r}: no checkpoint in {ckpt.directory}')
   restored = ckpt.manager.restore(step, args=ocp_args_state())['state']
   ckpt.close()
-  flat_src = flax.traverse_util.flatten_dict(restored['params'], sep='/')
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
-  loaded, fresh = [], []
-  for k, v in flat.items():
-    src = flat_src.get(k)
-    if src is not None and tuple(src.shape) == tuple(v.shape):
-      flat[k] = jnp.asarray(src, v.dtype)
-      loaded.append(k)
-    else:
-      fresh.append(k)
-  print(f'init_from {source} (step {step}): {len(loaded)} tensors loaded, {len(fresh)} fresh')
-  for k in fresh:
-    print(f'  fresh: {k}')
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
+  out = []
+  for name, tree in (('params', params), ('batch_stats', batch_stats)):
+    flat_src = flax.traverse_util.flatten_dict(restored.get(name, {}), sep='/')
+    flat = flax.traverse_util.flatten_dict(tree, sep='/')
+    fresh = []
+    for k, v in flat.items():
+      src = flat_src.get(k)
+      if src is not None and tuple(src.shape) == tuple(v.shape):
+        flat[k] = jnp.asarray(src, v.dtype)
+      else:
+        fresh.append(k)
+    print(
+      f'init_from {source} (step {step}) {name}: '
+      f'{len(flat) - len(fresh)} loaded, {len(fresh)} fresh'
+    )
+    for k in fresh:
+      print(f'  fresh: {k}')
+    out.append(flax.traverse_util.unflatten_dict(flat, sep='/'))
+  return tuple(out)
 
 
 def ocp_args_state():
