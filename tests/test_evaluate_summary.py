@@ -57,3 +57,15 @@ def test_missing_build_falls_back_to_the_synthetic_world(tmp_path, monkeypatch, 
   assert data_dir == str(tmp_path / 'cache' / 'tfds') and built == [data_dir]
   assert cfg.data.name == 'nuscenes_occ/mini' and cfg.model.embed_dims == 32
   assert cfg.batch_size == 2
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  cfg = pretrain.get_config('tiny')
+  train.check_workdir_config(str(tmp_path), cfg, resuming=False)
+  train.check_workdir_config(str(tmp_path), cfg, resuming=True)  # same model: fine
+  other = pretrain.get_config('tiny')
+  other.model.embed_dims = 64
+  before = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ValueError, match=r'another model config.*model.embed_dims: checkpoint 32'):
+    train.check_workdir_config(str(tmp_path), other, resuming=True)
+  assert (tmp_path / 'config.json').read_text() == before  # nothing overwritten

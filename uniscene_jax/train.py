@@ -271,6 +271,7 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
   data_iter = iter(loader)
   ckpt = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   start = ckpt.latest_step()
+  check_workdir_config(workdir, config, resuming=start is not None)
   if start is not None:
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
@@ -345,6 +346,38 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
     writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
   writer.close()
   return Run(state=state, step=step, metrics=history)
+
+
+def _model_fields(config) -> dict:
+  fields = flax.traverse_util.flatten_dict(config.model.to_dict(), sep='.')
+  fields = {f'model.{k}': list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+  fields['data.image_size'] = list(config.data.image_size)
+  return fields
+
+
+def check_workdir_config(workdir: str, config, resuming: bool) -> None:
+  """Refuses to resume a workdir whose checkpoints were made for another model; else records it.
+
+  <workdir>/config.json holds the config of the run that made the checkpoints.
+  """
+  path = os.path.join(workdir, 'config.json')
+  fields = _model_fields(config)
+  if resuming and os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f).get('model_fields', {})
+    diff = [
+      f'{k}: checkpoint {saved.get(k)!r}, config {v!r}'
+      for k, v in fields.items()
+      if saved.get(k) != v
+    ]
+    if diff:
+      raise ValueError(
+        f'{workdir}: its checkpoints belong to another model config; use a new --workdir. '
+        + '; '.join(diff[:8])
+      )
+    return
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(path, {'config': json.loads(config.to_json_best_effort()), 'model_fields': fields})
 
 
 def _is_number(v) -> bool:
