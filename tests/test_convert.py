@@ -107,3 +107,20 @@ def test_bad_input_names_the_file_or_key(small_variables, tmp_path):
     from_torch.variables_from_state_dict(state_dict, variables)
   with pytest.raises(ValueError, match='--arch det'):
     to_torch.state_dict_from_variables(variables, 'det')
+
+
+def test_detection_checkpoint_into_the_pretraining_model():
+  """A BEVFormer-base state dict (the manifest's keys and shapes) maps its 857 shared tensors."""
+  manifest = json.loads(pathlib.Path(REFERENCE, 'bevformer_base_keys.json').read_text())
+  dtypes = {'float32': torch.float32, 'int64': torch.int64}
+  state_dict = {k: torch.ones(v['shape'], dtype=dtypes[v['dtype']]) for k, v in manifest.items()}
+  abstract = jax.eval_shape(lambda: models.init_variables(pretrain.get_config(), jax.random.key(0)))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  variables, report = from_torch.variables_from_state_dict(state_dict, zeros)
+  shared_buffers = sum(k.endswith('num_batches_tracked') for k in state_dict)
+  assert len(report.loaded) + shared_buffers == 857
+  assert sorted({k.split('.')[2] for k in report.missing}) == ['decoder', 'predicter']
+  assert len(report.missing) == 14  # the occupancy head's tensors (2 counters not counted)
+  skipped = [k for k in report.skipped if not k.endswith('num_batches_tracked')]
+  assert len(skipped) == 232 and any(k.startswith('pts_bbox_head.cls_branches') for k in skipped)
+  assert float(variables['params']['img_backbone']['conv1']['kernel'].min()) == 1.0
