@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from configs import pretrain
-from tests.reference.uniscene_torch import UniSceneOccTorch
-from tests.test_uniscene import _queue, _small_config
+from tests.test_uniscene import _queue, _small_config, make_twin, twin_forward
 from uniscene_jax import models
 from uniscene_jax.checkpoint import Checkpoints
 from uniscene_jax.convert import from_torch, to_torch
@@ -41,27 +40,12 @@ def test_checkpoint_to_pth_loads_strictly_and_predicts_the_same(small_variables,
   assert to_torch.main(['--workdir', str(tmp_path / 'run'), '--output', str(out)]) == 0
   saved = torch.load(out, weights_only=True)
   assert saved['meta']['step'] == 7 and not list(tmp_path.glob('*.tmp-*'))
-  twin = UniSceneOccTorch(
-    mc.backbone.stage_blocks,
-    mc.backbone.base_width,
-    mc.backbone.stage_with_dcn,
-    mc.head.encoder,
-    mc.head.occupancy,
-  )
-  twin.load_state_dict(saved['state_dict'], strict=True)
-  twin.eval()
+  twin = make_twin(mc, saved['state_dict'])
   img, lidar2img, ego2lidar, can, exists = _queue(1, seed=4)
   logits, _ = jax.jit(lambda v, *a: models.build_model(mc).apply(v, *a))(
     variables, img, lidar2img, ego2lidar, can, exists
   )
-  with torch.no_grad():
-    want, _ = twin(
-      torch.from_numpy(img).permute(0, 1, 2, 5, 3, 4),
-      torch.from_numpy(lidar2img),
-      torch.from_numpy(ego2lidar),
-      can.astype(np.float64),
-      list(exists[0]),
-    )
+  want, _ = twin_forward(twin, img, lidar2img, ego2lidar, can, exists)
   scale = float(np.abs(want.numpy()).max())
   np.testing.assert_allclose(logits, want.numpy(), atol=2e-4 * scale, rtol=1e-4)  # fp32
 

@@ -68,27 +68,39 @@ def _queue(b, seed=0):
   return img, lidar2img, ego2lidar, can, exists
 
 
-def test_model_matches_the_twin(small):
-  mc, model, variables = small
-  img, lidar2img, ego2lidar, can, exists = _queue(1)
-  logits, aux = jax.jit(lambda v, *a: model.apply(v, *a))(
-    variables, img, lidar2img, ego2lidar, can, exists
-  )
-  enc, occ = mc.head.encoder, mc.head.occupancy
+def make_twin(mc, state_dict) -> UniSceneOccTorch:
+  """The PyTorch twin of ModelConfig `mc`, strictly loaded with `state_dict`, in eval mode."""
   twin = UniSceneOccTorch(
-    mc.backbone.stage_blocks, mc.backbone.base_width, mc.backbone.stage_with_dcn, enc, occ
+    mc.backbone.stage_blocks,
+    mc.backbone.base_width,
+    mc.backbone.stage_with_dcn,
+    mc.head.encoder,
+    mc.head.occupancy,
   )
-  sd = {k: torch.from_numpy(v) for k, v in key_map.to_torch_arrays(variables).items()}
-  twin.load_state_dict(sd, strict=True)
-  twin.eval()
+  twin.load_state_dict(state_dict, strict=True)
+  return twin.eval()
+
+
+def twin_forward(twin, img, lidar2img, ego2lidar, can, exists):
+  """(logits, bev) of the twin on a queue of batch 1 in this file's numpy layout."""
   with torch.no_grad():
-    want, bev = twin(
+    return twin(
       torch.from_numpy(img).permute(0, 1, 2, 5, 3, 4),
       torch.from_numpy(lidar2img),
       torch.from_numpy(ego2lidar),
       can.astype(np.float64),
       list(exists[0]),
     )
+
+
+def test_model_matches_the_twin(small):
+  mc, model, variables = small
+  img, lidar2img, ego2lidar, can, exists = _queue(1)
+  logits, aux = jax.jit(lambda v, *a: model.apply(v, *a))(
+    variables, img, lidar2img, ego2lidar, can, exists
+  )
+  sd = {k: torch.from_numpy(v) for k, v in key_map.to_torch_arrays(variables).items()}
+  want, bev = twin_forward(make_twin(mc, sd), img, lidar2img, ego2lidar, can, exists)
   scale = float(np.abs(want.numpy()).max())
   np.testing.assert_allclose(aux['bev_embed'], bev.numpy(), atol=2e-4, rtol=2e-4)
   np.testing.assert_allclose(logits, want.numpy(), atol=2e-4 * scale, rtol=1e-4)

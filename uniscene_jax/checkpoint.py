@@ -53,6 +53,12 @@ class Checkpoints:
     data = out['data']
     return out['state'], (json.dumps(data).encode() if data else None)
 
+  def restore_raw(self, step: int) -> dict:
+    """The saved state of `step` as a tree of host arrays, without a target structure (for
+    evaluation and warm starts, which need only some of it)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out['state']
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -9,7 +9,6 @@ benchmark's mIoU over camera-visible voxels with its per-class table. Results ar
 written to <workdir>/eval_<split>_step<N>.json.
 """
 
-import json
 import os
 
 import jax
@@ -23,17 +22,14 @@ from uniscene_jax.data import input_pipeline as ip
 
 def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """({'params', 'batch_stats'}, step) of a workdir's checkpoint (the latest by default)."""
-  import orbax.checkpoint as ocp
-
   from uniscene_jax.checkpoint import Checkpoints
 
   ckpt = Checkpoints(workdir)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise ValueError(f'{ckpt.directory}: no checkpoint to evaluate')
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = ckpt.restore_raw(step)
   ckpt.close()
-  state = restored['state']
   return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
 
 
@@ -72,14 +68,11 @@ def make_eval_step(model, config):
 
 def _frame(record, previous, target: str) -> tuple[dict, bool]:
   """Host inputs of one frame (batch of 1) and whether it continues the previous frame."""
-  same = previous is not None and previous['scene_token'] == record['scene_token']
-  can = np.array(record['can_bus'], np.float64)
-  if same:
-    can[:3] -= previous['can_bus'][:3]
-    can[17] -= previous['can_bus'][17]
-  else:
-    can[:3] = 0.0
-    can[17] = 0.0
+  frames = [record] if previous is None else [previous, record]
+  can, exists = ip.queue_deltas(
+    np.stack([f['can_bus'] for f in frames]), [f['scene_token'] for f in frames]
+  )
+  can, same = can[-1], bool(exists[-1])
   frame = {
     'img': ip.pad_images(record['images'])[None],
     'lidar2img': record['lidar2img'][None].astype(np.float32),
@@ -94,7 +87,7 @@ def _frame(record, previous, target: str) -> tuple[dict, bool]:
 
 def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None = None) -> dict:
   from uniscene_jax.models import build_model, model_config_from
-  from uniscene_jax.train import prepare_data
+  from uniscene_jax.train import prepare_data, write_json
 
   data_dir = prepare_data(config, data_dir)
   mc = model_config_from(config)
@@ -118,10 +111,7 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
   result = summarize(np.asarray(confusion), classes)
   result.update(step=step, split=split, frames=len(source))
   print(f'{split} ({len(source)} frames, step {step}): {result["table"]}', flush=True)
-  path = os.path.join(workdir, f'eval_{split}_step{step}.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + '.tmp', path)
+  write_json(os.path.join(workdir, f'eval_{split}_step{step}.json'), result)
   free = 0 if classes != metrics.NUM_CLASSES else metrics.NUM_CLASSES - 1
   gap = np.full((np.asarray(pred).shape[1], 4, 3), 255, np.uint8)
   result['picture'] = np.concatenate(  # last frame: target | prediction

@@ -337,7 +337,7 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
     history.append(_check(*pending))
   ckpt.close()
   writer.flush()
-  _write_json(os.path.join(workdir, 'metrics.json'), history)
+  write_json(os.path.join(workdir, 'metrics.json'), history)
   if config.eval_at_end and main_process:
     from uniscene_jax import evaluate
 
@@ -377,7 +377,7 @@ def check_workdir_config(workdir: str, config, resuming: bool) -> None:
       )
     return
   os.makedirs(workdir, exist_ok=True)
-  _write_json(path, {'config': json.loads(config.to_json_best_effort()), 'model_fields': fields})
+  write_json(path, {'config': json.loads(config.to_json_best_effort()), 'model_fields': fields})
 
 
 def _is_number(v) -> bool:
@@ -409,7 +409,7 @@ def warm_start(source: str, params, batch_stats):
   step = ckpt.latest_step()
   if step is None:
     raise ValueError(f'config.init_from={source!r}: no checkpoint in {ckpt.directory}')
-  restored = ckpt.manager.restore(step, args=ocp_args_state())['state']
+  restored = ckpt.restore_raw(step)
   ckpt.close()
   out = []
   for name, tree in (('params', params), ('batch_stats', batch_stats)):
@@ -430,12 +430,6 @@ def warm_start(source: str, params, batch_stats):
       print(f'  fresh: {k}')
     out.append(flax.traverse_util.unflatten_dict(flat, sep='/'))
   return tuple(out)
-
-
-def ocp_args_state():
-  import orbax.checkpoint as ocp
-
-  return ocp.args.Composite(state=ocp.args.StandardRestore())
 
 
 def _check(step, metrics) -> dict:
@@ -464,7 +458,7 @@ def optim_config(config) -> optim.OptimConfig:
   )
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)

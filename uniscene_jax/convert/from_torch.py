@@ -12,8 +12,6 @@ import numpy as np
 
 from uniscene_jax.convert import key_map
 
-_INVERSE = {('kernel', 2): (1, 0), ('kernel', 4): (2, 3, 1, 0), ('kernel', 5): (2, 3, 4, 1, 0)}
-
 
 @dataclasses.dataclass
 class ImportReport:
@@ -45,16 +43,6 @@ def load_state_dict(path: str) -> dict:
   return {k.removeprefix('module.'): v for k, v in obj.items()}
 
 
-def _torch_key(path: tuple, collection: str) -> str:
-  module = key_map.torch_module_path(path[:-1])
-  leaf = path[-1]
-  if collection == 'batch_stats':
-    name = {'mean': 'running_mean', 'var': 'running_var'}[leaf]
-  else:
-    name = 'weight' if leaf in ('kernel', 'embedding', 'scale') else leaf
-  return f'{module}.{name}' if module else name
-
-
 def variables_from_state_dict(state_dict: dict, variables: dict) -> tuple[dict, ImportReport]:
   """New {'params', 'batch_stats'} with every tensor found in state_dict (laid out for Flax)."""
   out, loaded, missing, used = {}, [], [], set()
@@ -62,7 +50,7 @@ def variables_from_state_dict(state_dict: dict, variables: dict) -> tuple[dict, 
     flat = key_map.flatten(dict(variables.get(collection, {})))
     new = {}
     for path, leaf in flat.items():
-      key = _torch_key(path, collection)
+      key = key_map.torch_key(path, collection)
       if key not in state_dict:
         missing.append(key)
         new[path] = leaf
@@ -71,7 +59,7 @@ def variables_from_state_dict(state_dict: dict, variables: dict) -> tuple[dict, 
       value = (
         value.detach().cpu().float().numpy() if hasattr(value, 'detach') else np.asarray(value)
       )
-      perm = _INVERSE.get((path[-1], value.ndim)) if collection == 'params' else None
+      perm = key_map.inverse_permutation(path, value.ndim) if collection == 'params' else None
       if perm is not None:
         value = value.transpose(perm)
       if tuple(value.shape) != tuple(leaf.shape):

@@ -34,18 +34,39 @@ def torch_module_path(flax_names) -> str:
   return '.'.join(parts)
 
 
-def _to_torch_layout(leaf_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-  if leaf_name == 'kernel':
-    if value.ndim == 2:
-      return 'weight', value.T
-    if value.ndim == 4:
-      return 'weight', value.transpose(3, 2, 0, 1)
-    if value.ndim == 5:
-      return 'weight', value.transpose(4, 3, 0, 1, 2)
-    raise ValueError(f'kernel of rank {value.ndim} has no PyTorch layout rule')
-  if leaf_name in ('embedding', 'scale'):
-    return 'weight', value
-  return leaf_name, value
+# Flax kernel rank -> the transpose that gives the PyTorch layout (Linear, Conv2d, Conv3d).
+_KERNEL_PERMUTATIONS = {2: (1, 0), 4: (3, 2, 0, 1), 5: (4, 3, 0, 1, 2)}
+_STATS = {'mean': 'running_mean', 'var': 'running_var'}
+
+
+def torch_key(path: tuple, collection: str = 'params') -> str:
+  """PyTorch key of the Flax leaf at `path` in `collection` ('params' or 'batch_stats')."""
+  leaf = path[-1]
+  if collection == 'batch_stats':
+    name = _STATS[leaf]
+  else:
+    name = 'weight' if leaf in ('kernel', 'embedding', 'scale') else leaf
+  module = torch_module_path(path[:-1])
+  return f'{module}.{name}' if module else name
+
+
+def permutation(path: tuple, ndim: int) -> tuple[int, ...] | None:
+  """The Flax -> PyTorch transpose of a parameter (None: same layout)."""
+  if path[-1] != 'kernel':
+    return None
+  if ndim not in _KERNEL_PERMUTATIONS:
+    raise ValueError(f'{"/".join(path)}: kernel of rank {ndim} has no PyTorch layout rule')
+  return _KERNEL_PERMUTATIONS[ndim]
+
+
+def inverse_permutation(path: tuple, ndim: int) -> tuple[int, ...] | None:
+  """The PyTorch -> Flax transpose of a parameter (None: same layout)."""
+  perm = permutation(path, ndim)
+  return None if perm is None else tuple(int(i) for i in np.argsort(perm))
+
+
+def _counter_key(path: tuple) -> str:
+  return f'{torch_module_path(path[:-1])}.num_batches_tracked'
 
 
 def flatten(tree, prefix=()):
@@ -63,18 +84,13 @@ def to_torch_arrays(variables: dict) -> dict[str, np.ndarray]:
   """{'params', 'batch_stats'} -> {torch key: numpy array in PyTorch layout} (float32, int64)."""
   out = {}
   for path, leaf in flatten(dict(variables.get('params', {}))).items():
-    name, value = _to_torch_layout(path[-1], np.asarray(leaf, np.float32))
-    key = f'{torch_module_path(path[:-1])}.{name}' if len(path) > 1 else name
-    out[key] = np.array(value, order='C')  # a writable copy
+    value = np.asarray(leaf, np.float32)
+    perm = permutation(path, value.ndim)
+    out[torch_key(path)] = np.array(value if perm is None else value.transpose(perm), order='C')
   for path, leaf in flatten(dict(variables.get('batch_stats', {}))).items():
-    module = torch_module_path(path[:-1])
-    stat = {'mean': 'running_mean', 'var': 'running_var'}[path[-1]]
-    out[f'{module}.{stat}'] = np.array(leaf, np.float32)
-    out[f'{module}.num_batches_tracked'] = np.asarray(0, np.int64)
+    out[torch_key(path, 'batch_stats')] = np.array(leaf, np.float32)
+    out[_counter_key(path)] = np.asarray(0, np.int64)
   return out
-
-
-_PERMUTATIONS = {('kernel', 2): (1, 0), ('kernel', 4): (3, 2, 0, 1), ('kernel', 5): (4, 3, 0, 1, 2)}
 
 
 def to_torch_shapes(variables: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -82,15 +98,9 @@ def to_torch_shapes(variables: dict) -> dict[str, tuple[tuple[int, ...], str]]:
   out = {}
   for path, leaf in flatten(dict(variables.get('params', {}))).items():
     shape = tuple(leaf.shape)
-    perm = _PERMUTATIONS.get((path[-1], len(shape)))
-    if path[-1] == 'kernel' and perm is None:
-      raise ValueError(f'kernel of rank {len(shape)} has no PyTorch layout rule')
-    name = 'weight' if path[-1] in ('kernel', 'embedding', 'scale') else path[-1]
-    key = f'{torch_module_path(path[:-1])}.{name}' if len(path) > 1 else name
-    out[key] = (tuple(shape[i] for i in perm) if perm else shape, 'float32')
+    perm = permutation(path, len(shape))
+    out[torch_key(path)] = (shape if perm is None else tuple(shape[i] for i in perm), 'float32')
   for path, leaf in flatten(dict(variables.get('batch_stats', {}))).items():
-    module = torch_module_path(path[:-1])
-    stat = {'mean': 'running_mean', 'var': 'running_var'}[path[-1]]
-    out[f'{module}.{stat}'] = (tuple(leaf.shape), 'float32')
-    out[f'{module}.num_batches_tracked'] = ((), 'int64')
+    out[torch_key(path, 'batch_stats')] = (tuple(leaf.shape), 'float32')
+    out[_counter_key(path)] = ((), 'int64')
   return out

@@ -41,6 +41,21 @@ def _dense(features, name, dtype, kernel_init=xavier, bias_init=nn.initializers.
   )
 
 
+def _sampling_projections(query, heads: int, groups: int, points: int, dtype):
+  """The `sampling_offsets` (star-initialised) and `attention_weights` layers on query, as
+  float32 [..., heads * groups * points * 2] and [..., heads * groups * points]."""
+  bias = star_offsets(heads, groups, points)
+  off = _dense(
+    heads * groups * points * 2,
+    'sampling_offsets',
+    dtype,
+    kernel_init=nn.initializers.zeros,
+    bias_init=lambda *_: jnp.asarray(bias),
+  )(query)
+  aw = _dense(heads * groups * points, 'attention_weights', dtype, nn.initializers.zeros)(query)
+  return off.astype(jnp.float32), aw.astype(jnp.float32)
+
+
 class TemporalSelfAttention(nn.Module):
   """TSA: each query samples its own two BEV slots (previous, current) and averages them.
 
@@ -70,19 +85,9 @@ class TemporalSelfAttention(nn.Module):
     q_cat = jnp.concatenate([value[:, 0].astype(query.dtype), query], -1)
     v = _dense(self.embed_dims, 'value_proj', self.dtype)(value.reshape(b * queue, hw, c))
     v = v.reshape(b * queue, hw, heads, c // heads)
-    bias = star_offsets(heads, queue, points)
-    off = _dense(
-      heads * queue * points * 2,
-      'sampling_offsets',
-      self.dtype,
-      kernel_init=nn.initializers.zeros,
-      bias_init=lambda *_: jnp.asarray(bias),
-    )(q_cat)
-    aw = _dense(heads * queue * points, 'attention_weights', self.dtype, nn.initializers.zeros)(
-      q_cat
-    )
-    off = off.astype(jnp.float32).reshape(b, hw, heads, queue, 1, points, 2)
-    aw = jax.nn.softmax(aw.astype(jnp.float32).reshape(b, hw, heads, queue, points), -1)
+    off, aw = _sampling_projections(q_cat, heads, queue, points, self.dtype)
+    off = off.reshape(b, hw, heads, queue, 1, points, 2)
+    aw = jax.nn.softmax(aw.reshape(b, hw, heads, queue, points), -1)
     off = off.transpose(0, 3, 1, 2, 4, 5, 6).reshape(b * queue, hw, heads, 1, points, 2)
     aw = aw.transpose(0, 3, 1, 2, 4).reshape(b * queue, hw, heads, 1, points)
     scale = jnp.asarray([self.bev_w, self.bev_h], jnp.float32)
@@ -117,21 +122,11 @@ class MSDeformableAttention3D(nn.Module):
       raise ValueError(f'num_points {points} is not a multiple of the {anchors} anchors')
     v = _dense(self.embed_dims, 'value_proj', self.dtype)(value)
     v = v.reshape(r, value.shape[1], heads, c // heads)
-    bias = star_offsets(heads, levels, points)
-    off = _dense(
-      heads * levels * points * 2,
-      'sampling_offsets',
-      self.dtype,
-      kernel_init=nn.initializers.zeros,
-      bias_init=lambda *_: jnp.asarray(bias),
-    )(query)
-    aw = _dense(heads * levels * points, 'attention_weights', self.dtype, nn.initializers.zeros)(
-      query
-    )
-    aw = jax.nn.softmax(aw.astype(jnp.float32).reshape(r, qs, heads, levels * points), -1)
+    off, aw = _sampling_projections(query, heads, levels, points, self.dtype)
+    aw = jax.nn.softmax(aw.reshape(r, qs, heads, levels * points), -1)
     aw = aw.reshape(r, qs, heads, levels, points)
     sizes = jnp.asarray([[w, h] for h, w in self.spatial_shapes], jnp.float32)  # (x, y) scale
-    off = off.astype(jnp.float32).reshape(r, qs, heads, levels, points, 2) / sizes[:, None, :]
+    off = off.reshape(r, qs, heads, levels, points, 2) / sizes[:, None, :]
     off = off.reshape(r, qs, heads, levels, points // anchors, anchors, 2)
     loc = ref.astype(jnp.float32)[:, :, None, None, None, :, :] + off
     loc = loc.reshape(r, qs, heads, levels, points, 2)
