@@ -9,7 +9,8 @@ Presets (`:name`):
   local  the same network scaled down to train on a laptop CPU in minutes: small backbone and
          channels, a 50 x 50 BEV (targets max-pooled 4 x 4), the synthetic world's images.
   tiny   like local, smaller still: for tests and smoke runs.
-  semantic  base with 18-class Occ3D targets instead of binary occupancy.
+  semantic  base with 18-class Occ3D targets instead of binary occupancy: the BEV covers the
+         Occ3D grid ([-40, 40] m, 0.4 m cells), focal loss over camera-visible voxels.
 Any field can be overridden: --config.model.dtype=bfloat16 --config.batch_size=16.
 """
 
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'configs/pretrain.py: unknown preset {preset!r}')
   c = ml_collections.ConfigDict()
   c.preset = preset
+  c.config_module = 'configs.pretrain'  # whose presets the embedded-default fallback applies
   c.seed = 0
   c.batch_size = 8  # global, over all devices of all processes
   c.num_steps = 0  # 0: optim.num_epochs epochs
@@ -31,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.init_from = ''  # a workdir or a PyTorch .pth (FCOS3D, BEVFormer, UniScene)
+  c.init_fresh = ()  # parameter paths containing any of these stay as initialised (new layers)
   c.eval_at_end = True  # occupancy IoU on the val split after training
 
   c.data = ml_collections.ConfigDict()
@@ -43,6 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.target = 'binary'  # 'binary' (UniScene) or 'occ3d' (18 classes)
   c.data.target_pool = 1  # > 1: binary targets max-pooled in x, y to match a coarser BEV
   c.data.worker_count = 4
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = 'focal'  # 'focal' (UniScene: sigmoid focal per class channel) or 'cross_entropy'
+  c.loss.use_camera_mask = False  # weight voxels by the Occ3D camera mask (occ3d targets only)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.photometric = True
@@ -87,8 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.fpn_relu_before_first_extra_conv = False  # the reference's P6 has no ReLU (model_spec 5)
 
   if preset == 'semantic':
-    c.data.target = 'occ3d'
-    m.num_classes = 18
+    use_occ3d_grid(c)
   if preset in ('local', 'tiny'):
     c.data.name = 'nuscenes_occ/mini'
     c.data.target_pool = 4  # a 50 x 50 BEV of 2 m cells; targets max-pooled to match
@@ -115,3 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 2
     m.num_layers = 1
   return c
+
+
+def use_occ3d_grid(c: ml_collections.ConfigDict) -> None:
+  """18-class Occ3D targets: the BEV spans the Occ3D grid, so that logits and labels align."""
+  c.data.target = 'occ3d'
+  c.loss.use_camera_mask = True
+  m = c.model
+  m.pc_range = common.OCC3D_RANGE
+  m.num_classes = len(common.OCC3D_CLASSES)
+  m.pillar_h = common.OCC3D_SHAPE[2]

@@ -43,3 +43,31 @@ def occupancy_focal_loss(
     return loss.mean()
   w = mask.astype(jnp.float32)
   return jnp.sum(loss * w[..., None]) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def occupancy_cross_entropy(
+  logits: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray | None = None
+) -> jnp.ndarray:
+  """Softmax cross-entropy over the class axis (mmdet's CrossEntropyLoss, the Occ3D baseline's).
+
+  Args:
+    logits: [B, X, Y, Z, C]; target: [B, X, Y, Z] labels in [0, C).
+    mask: optional [B, X, Y, Z] voxel weights (the camera mask): weighted sum over voxels divided
+      by the sum of the weights (avg_factor); without it, the mean over voxels.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  nll = -jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), -1)[..., 0]
+  if mask is None:
+    return nll.mean()
+  w = mask.astype(jnp.float32)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+OCCUPANCY_LOSSES = {'focal': occupancy_focal_loss, 'cross_entropy': occupancy_cross_entropy}
+
+
+def occupancy_loss(kind: str, logits, target, mask=None) -> jnp.ndarray:
+  """The occupancy loss named by config.loss.kind: 'focal' (UniScene) or 'cross_entropy'."""
+  if kind not in OCCUPANCY_LOSSES:
+    raise ValueError(f'config.loss.kind must be one of {sorted(OCCUPANCY_LOSSES)}, got {kind!r}')
+  return OCCUPANCY_LOSSES[kind](logits, target, mask)

@@ -22,7 +22,7 @@ import optax
 import tqdm
 from absl import logging
 
-from uniscene_jax import losses, optim, sharding
+from uniscene_jax import losses, optim, sharding, targets
 from uniscene_jax.checkpoint import Checkpoints
 from uniscene_jax.data import augment
 from uniscene_jax.data import input_pipeline as ip
@@ -56,12 +56,6 @@ def create_train_state(model_config, tx, rng) -> TrainState:
   )
 
 
-def pool_target(target: jnp.ndarray, factor: int) -> jnp.ndarray:
-  """[B, X, Y, Z] -> [B, X / f, Y / f, Z], the maximum over f x f cells (binary occupancy)."""
-  b, x, y, z = target.shape
-  return target.reshape(b, x // factor, factor, y // factor, factor, z).max((2, 4))
-
-
 def make_train_step(model, tx, config):
   """(state, batch) -> (state, metrics); pure, to be jitted with the state donated."""
   valid_hw = tuple(config.data.image_size)
@@ -79,10 +73,10 @@ def make_train_step(model, tx, config):
       grid_mask_prob=config.augment.grid_mask_prob,
     )
 
-    target, mask = batch['occ_target'], batch.get('occ_mask_camera')
-    if config.data.target_pool > 1:  # coarse BEV for quick runs: a cell is occupied if any is
-      target = pool_target(target, config.data.target_pool)
-      mask = None if mask is None else pool_target(mask, config.data.target_pool)
+    mask = batch.get('occ_mask_camera') if config.loss.use_camera_mask else None
+    target, mask = targets.model_targets(
+      batch['occ_target'], mask, config.data.target_pool, config.data.target
+    )
 
     def loss_fn(params):
       (logits, aux), updates = model.apply(
@@ -96,9 +90,7 @@ def make_train_step(model, tx, config):
         rngs={'dropout': dropout_rng},
         mutable=['batch_stats'],
       )
-      loss = losses.occupancy_focal_loss(
-        logits, target, mask if config.data.target == 'occ3d' else None
-      )
+      loss = losses.occupancy_loss(config.loss.kind, logits, target, mask)
       return loss, (aux, updates['batch_stats'])
 
     (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -181,10 +173,11 @@ def prepare_data(config, data_dir: str | None = None) -> str:
 
 
 def _apply_local_preset(config) -> None:
-  from configs import pretrain
+  import importlib
 
-  local = pretrain.get_config('local')
-  base = pretrain.get_config(config.get('preset', 'base'))
+  module = importlib.import_module(config.get('config_module', 'configs.pretrain'))
+  local = module.get_config('local')
+  base = module.get_config(config.get('preset', 'base'))
   changed = []
   with config.unlocked():
     for key, value in flax.traverse_util.flatten_dict(local.to_dict(), sep='.').items():
@@ -282,7 +275,9 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
     logging.info('resumed from %s at step %d', ckpt.directory, start)
     print(f'Resuming from step {start} ({ckpt.directory})', flush=True)
   elif config.init_from:
-    params, batch_stats = warm_start(config.init_from, state.params, state.batch_stats)
+    params, batch_stats = warm_start(
+      config.init_from, state.params, state.batch_stats, tuple(config.init_fresh)
+    )
     state = state.replace(
       params=jax.device_put(params, replicated), batch_stats=jax.device_put(batch_stats, replicated)
     )
@@ -384,20 +379,21 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def warm_start(source: str, params, batch_stats):
+def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
   """(params, batch_stats) with every tensor found in `source` loaded, the rest as initialised.
 
   source: a PyTorch .pth (FCOS3D, BEVFormer or UniScene; mapped by the reference's key names) or
-  a workdir (its latest checkpoint; tensors of the same path and shape). What was loaded, kept
-  and skipped is printed.
+  a workdir (its latest checkpoint; tensors of the same path). Tensors whose path contains any of
+  `fresh` (config.init_fresh: new layers, such as a class layer of another width) are not loaded;
+  any other tensor whose shape differs is an error naming it. What was loaded, kept and skipped
+  is printed.
   """
+  variables = {'params': params, 'batch_stats': batch_stats}
   if source.endswith('.pth'):
     from uniscene_jax.convert import from_torch
 
     state_dict = from_torch.load_state_dict(source)
-    variables, report = from_torch.variables_from_state_dict(
-      state_dict, {'params': params, 'batch_stats': batch_stats}
-    )
+    variables, report = from_torch.variables_from_state_dict(state_dict, variables, fresh)
     print(f'init_from {source}: {report.summary()}')
     for key, reason in sorted(report.skipped.items()):
       if not key.endswith('num_batches_tracked'):
@@ -412,22 +408,28 @@ def warm_start(source: str, params, batch_stats):
   restored = ckpt.restore_raw(step)
   ckpt.close()
   out = []
-  for name, tree in (('params', params), ('batch_stats', batch_stats)):
+  for name, tree in variables.items():
     flat_src = flax.traverse_util.flatten_dict(restored.get(name, {}), sep='/')
     flat = flax.traverse_util.flatten_dict(tree, sep='/')
-    fresh = []
+    kept = []
     for k, v in flat.items():
       src = flat_src.get(k)
-      if src is not None and tuple(src.shape) == tuple(v.shape):
-        flat[k] = jnp.asarray(src, v.dtype)
-      else:
-        fresh.append(k)
+      if src is None or any(f in k for f in fresh):
+        kept.append(k)
+        continue
+      if tuple(src.shape) != tuple(v.shape):
+        raise ValueError(
+          f'config.init_from={source!r}: {name}/{k} has shape {tuple(src.shape)} in the '
+          f'checkpoint and {tuple(v.shape)} in this model (list it in config.init_fresh to '
+          f'start it fresh)'
+        )
+      flat[k] = jnp.asarray(src, v.dtype)
     print(
       f'init_from {source} (step {step}) {name}: '
-      f'{len(flat) - len(fresh)} loaded, {len(fresh)} fresh'
+      f'{len(flat) - len(kept)} loaded, {len(kept)} kept as initialised'
     )
-    for k in fresh:
-      print(f'  fresh: {k}')
+    for k in kept:
+      print(f'  kept as initialised: {k}')
     out.append(flax.traverse_util.unflatten_dict(flat, sep='/'))
   return tuple(out)
 

@@ -43,14 +43,25 @@ def load_state_dict(path: str) -> dict:
   return {k.removeprefix('module.'): v for k, v in obj.items()}
 
 
-def variables_from_state_dict(state_dict: dict, variables: dict) -> tuple[dict, ImportReport]:
-  """New {'params', 'batch_stats'} with every tensor found in state_dict (laid out for Flax)."""
-  out, loaded, missing, used = {}, [], [], set()
+def variables_from_state_dict(
+  state_dict: dict, variables: dict, fresh: tuple[str, ...] = ()
+) -> tuple[dict, ImportReport]:
+  """New {'params', 'batch_stats'} with every tensor found in state_dict (laid out for Flax).
+
+  Flax tensors whose '/'-joined path contains any of `fresh` are not loaded (new layers); their
+  PyTorch tensors are reported as skipped.
+  """
+  out, loaded, missing, used, kept_fresh = {}, [], [], set(), set()
   for collection in ('params', 'batch_stats'):
     flat = key_map.flatten(dict(variables.get(collection, {})))
     new = {}
     for path, leaf in flat.items():
       key = key_map.torch_key(path, collection)
+      if key in state_dict and any(f in '/'.join(path) for f in fresh):
+        kept_fresh.add(key)
+        missing.append(key)
+        new[path] = leaf
+        continue
       if key not in state_dict:
         missing.append(key)
         new[path] = leaf
@@ -75,7 +86,9 @@ def variables_from_state_dict(state_dict: dict, variables: dict) -> tuple[dict, 
   for k in state_dict:
     if k in used:
       continue
-    if k.endswith('num_batches_tracked'):
+    if k in kept_fresh:
+      skipped[k] = 'listed as fresh (config.init_fresh): kept as initialised'
+    elif k.endswith('num_batches_tracked'):
       skipped[k] = 'step counter (Flax BatchNorm keeps none)'
     else:
       skipped[k] = 'no such tensor in this model'
