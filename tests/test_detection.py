@@ -145,6 +145,20 @@ def test_assignment_equals_scipy_on_small_matrices(rows, cols, p_valid):
     np.testing.assert_array_equal(row_of_col, expected_row_of_col)
 
 
+def test_assignment_with_ties_reaches_the_scipy_optimum():
+  rng = np.random.default_rng(8)
+  solve = jax.jit(matching.linear_sum_assignment)
+  tied = rng.integers(0, 4, (30, 90)).astype(np.float32)  # many equal optima
+  same_queries = np.repeat(rng.random((25, 1)), 60, axis=1).astype(np.float32)
+  for cost in (tied, same_queries):
+    col_of_row = np.asarray(solve(cost, jnp.ones(len(cost), bool))[0])
+    assert len(set(col_of_row.tolist())) == len(cost)
+    rows, cols = scipy_lsa(cost.astype(np.float64))
+    np.testing.assert_allclose(
+      cost[np.arange(len(cost)), col_of_row].sum(), cost[rows, cols].sum(), rtol=1e-6
+    )
+
+
 def test_assignment_900_queries_padded_gt_equals_scipy_cost():
   rng = np.random.default_rng(0)
   assign = jax.jit(matching.hungarian_assign)
@@ -266,10 +280,14 @@ def _loss_inputs(seed, layers=2, batch=2, queries=40, gts=(6, 3), pad=5):
   return cls, code, np.stack(gt_boxes), np.stack(gt_labels)
 
 
+# One compiled loss per input signature (eager calls would compile every loop op anew).
+_loss = jax.jit(losses.detection_loss, static_argnames=('num_replicas', 'axis_name'))
+
+
 def test_detection_loss_equals_numpy_reference():
   cls, code, gt_boxes, gt_labels = _loss_inputs(5)
   gt_boxes[0, 2, 4] = 0.0  # matched box with a zero length: its non-finite target is dropped
-  total, terms = jax.jit(losses.detection_loss)(cls, code, gt_boxes, gt_labels)
+  total, terms = _loss(cls, code, gt_boxes, gt_labels)
   ref = np_detection_loss(cls, code, gt_boxes, gt_labels)
   assert set(ref) | {'num_pos'} == set(terms)
   assert set(ref) == {'loss_cls', 'loss_bbox', 'd0.loss_cls', 'd0.loss_bbox'}
@@ -277,32 +295,29 @@ def test_detection_loss_equals_numpy_reference():
     np.testing.assert_allclose(float(terms[k]), v, rtol=1e-5, err_msg=k)
   np.testing.assert_allclose(float(total), sum(ref.values()), rtol=1e-5)
   assert float(terms['num_pos']) == 9
-  grads = jax.grad(lambda c, b: losses.detection_loss(c, b, gt_boxes, gt_labels)[0], (0, 1))(
-    cls, code
-  )
+  grads = jax.jit(jax.grad(lambda c, b: _loss(c, b, gt_boxes, gt_labels)[0], (0, 1)))(cls, code)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
 def test_detection_loss_device_averaging():
-  cls, code, gt_boxes, gt_labels = _loss_inputs(6, layers=3, gts=(7, 2))
+  cls, code, gt_boxes, gt_labels = _loss_inputs(6)
+
   # Reference: 2 devices x 1 sample, each normalised by the mean positives (4.5); DDP's
   # averaged gradient optimises the mean of the two device losses.
-  per_device = jax.vmap(
-    lambda c, b, g, lab: losses.detection_loss(c[:, None], b[:, None], g[None], lab[None],
-                                               axis_name='dev')[0],
-    in_axes=(1, 1, 0, 0),
-    axis_name='dev',
-  )(cls, code, gt_boxes, gt_labels)  # fmt: skip
-  global_batch, _ = losses.detection_loss(cls, code, gt_boxes, gt_labels, num_replicas=2)
+  def device_loss(c, b, g, lab):
+    return losses.detection_loss(c[:, None], b[:, None], g[None], lab[None], axis_name='dev')[0]
+
+  per_device = jax.jit(jax.vmap(device_loss, in_axes=(1, 1, 0, 0), axis_name='dev'))(
+    cls, code, gt_boxes, gt_labels
+  )
+  global_batch, _ = _loss(cls, code, gt_boxes, gt_labels, num_replicas=2)
   np.testing.assert_allclose(float(per_device.mean()), float(global_batch), rtol=1e-6)
   ref = np_detection_loss(cls, code, gt_boxes, gt_labels, num_replicas=2)
   np.testing.assert_allclose(float(global_batch), sum(ref.values()), rtol=1e-5)
-  explicit, _ = losses.detection_loss(
-    cls, code, gt_boxes, gt_labels, avg_factor=4.5, num_replicas=2
-  )
+  explicit, _ = _loss(cls, code, gt_boxes, gt_labels, avg_factor=4.5, num_replicas=2)
   np.testing.assert_allclose(float(explicit), float(global_batch), rtol=1e-6)
   # No ground truth at all: the average clamps at 1 and only background terms remain.
-  empty, terms = losses.detection_loss(cls, code, gt_boxes, np.full_like(gt_labels, -1))
+  empty, terms = _loss(cls, code, gt_boxes, np.full_like(gt_labels, -1))
   assert np.isfinite(float(empty)) and float(terms['loss_bbox']) == 0.0
 
 
