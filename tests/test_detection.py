@@ -419,3 +419,7 @@ def test_ground_truth_through_decoder_and_result_file_scores_perfect(
     assert name == 'car' or not tp['attr_err'] > 0, (name, tp)
   assert 'NDS: ' in printed[0] and 'traffic_cone' in printed[0]
   assert (tmp_path / 'eval' / 'metrics_summary.json').exists()
+  partial = dict(list(results.items())[:-1])
+  bad = nusc_eval.write_results(str(tmp_path / 'partial.json'), partial)
+  with pytest.raises(ValueError, match='every sample of the split'):
+    nusc_eval.evaluate(nusc, bad, str(tmp_path / 'eval2'), print_fn=None)

@@ -274,10 +274,19 @@ def evaluate(
         f'{sorted(EVAL_SETS)} or an explicit eval_set'
       )
     eval_set = EVAL_SETS[nusc.version]
+  if not os.path.isfile(result_path):
+    raise ValueError(f'{result_path}: no such result file (write it with write_results)')
   os.makedirs(output_dir, exist_ok=True)
-  evaluator = DetectionEval(
-    nusc, config_factory(config_name), result_path, eval_set, output_dir, verbose=False
-  )
+  try:
+    evaluator = DetectionEval(
+      nusc, config_factory(config_name), result_path, eval_set, output_dir, verbose=False
+    )
+  except AssertionError as e:
+    # The devkit asserts that the results cover exactly the split's samples.
+    raise ValueError(
+      f'{result_path}: rejected by DetectionEval for eval_set {eval_set} ({e}); the results '
+      'must hold every sample of the split, an empty list where nothing was detected'
+    ) from e
   metrics, _ = evaluator.evaluate()
   summary = metrics.serialize()
   summary['meta'] = evaluator.meta.copy()
