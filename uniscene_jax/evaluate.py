@@ -9,13 +9,15 @@ benchmark's mIoU over camera-visible voxels with its per-class table. Results ar
 written to <workdir>/eval_<split>_step<N>.json.
 """
 
+import dataclasses
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniscene_jax import metrics, summary
+from uniscene_jax import metrics, summary, targets
 from uniscene_jax.data import augment
 from uniscene_jax.data import input_pipeline as ip
 
@@ -33,37 +35,90 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
 
 
-def make_eval_step(model, config):
-  valid_hw = tuple(config.data.image_size)
-  classes = config.model.num_classes
-  pool = config.data.target_pool
+INPUTS = ('img', 'lidar2img', 'ego2lidar', 'can_bus')
 
-  def step(variables, frame, prev_bev, prev_exists, confusion):
-    img = augment.normalize(frame['img'].astype(jnp.float32), valid_hw)
-    bev, _ = model.apply(
+
+def make_frame_step(model, config):
+  """(variables, inputs, prev_bev, prev_exists) -> (bev [1, HW, C] float32, logits, aux).
+
+  logits: [1, X, Y, Z, classes] float32 on the model's grid; aux: the frame's named outputs
+  (`sca_overflow`, and `boxes` [1, K, 7+] in the ego frame once a model predicts them).
+  """
+  valid_hw = tuple(config.data.image_size)
+
+  def step(variables, inputs, prev_bev, prev_exists):
+    img = augment.normalize(inputs['img'].astype(jnp.float32), valid_hw)
+    bev, aux = model.apply(
       variables,
       img,
-      frame['lidar2img'],
-      frame['ego2lidar'],
-      frame['can_bus'],
+      inputs['lidar2img'],
+      inputs['ego2lidar'],
+      inputs['can_bus'],
       prev_bev,
       prev_exists,
       method=model.frame,
     )
     logits = model.apply(variables, bev, method=model.occupancy)
-    pred = jnp.argmax(logits, -1)
-    target = frame['occ_target']
-    mask = frame.get('occ_mask_camera')
-    if pool > 1:
-      from uniscene_jax.train import pool_target
+    return bev.astype(jnp.float32), logits, aux
 
-      target = pool_target(target, pool)
+  return step
+
+
+def make_confusion_update(config):
+  """(confusion, logits, frame) -> (confusion, prediction [X, Y, Z], target [X, Y, Z]).
+
+  The target (and Occ3D camera mask) are pooled onto the model's grid (`data.target_pool`).
+  """
+  classes = config.model.num_classes
+
+  def update(confusion, logits, frame):
+    pred = jnp.argmax(logits, -1)
+    target, mask = targets.model_targets(
+      frame['occ_target'], frame.get('occ_mask_camera'), config.data.target_pool, config.data.target
+    )
     if classes != metrics.NUM_CLASSES:
       mask = None  # binary occupancy: every voxel of the grid
     confusion = metrics.confusion_update(confusion, pred, target, mask)
-    return bev.astype(jnp.float32), confusion, pred[0], target[0]
+    return confusion, pred[0], target[0]
 
-  return step
+  return update
+
+
+@dataclasses.dataclass
+class FramePrediction:
+  """One frame of a split in video mode.
+
+  record: the split's record (host arrays; images BGR); frame: the step's inputs and target (a
+  batch of 1); bev [1, HW, C] float32, logits [1, X, Y, Z, classes] float32 and aux stay on
+  the device; continues: whether the frame started from the previous frame's BEV.
+  """
+
+  index: int
+  record: dict
+  frame: dict
+  bev: jax.Array
+  logits: jax.Array
+  aux: dict
+  continues: bool
+
+
+def predict_frames(
+  config, model, variables, source, start: int = 0, stop: int | None = None
+) -> Iterator[FramePrediction]:
+  """Frames start .. stop - 1 of `source` in (scene, time) order, each reusing the previous
+  frame's BEV when both are in the same scene (frame `start` begins without history)."""
+  enc = model.config.head.encoder
+  frame_step = jax.jit(make_frame_step(model, config))
+  prev_bev = jnp.zeros((1, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
+  previous = None
+  for i in range(start, len(source) if stop is None else stop):
+    record = source[i]
+    frame, same = _frame(record, previous, config.data.target)
+    bev, logits, aux = frame_step(
+      variables, {k: frame[k] for k in INPUTS}, prev_bev, jnp.asarray([same])
+    )
+    yield FramePrediction(i, record, frame, bev, logits, aux, same)
+    prev_bev, previous = bev, record
 
 
 def _frame(record, previous, target: str) -> tuple[dict, bool]:
@@ -90,24 +145,15 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
   from uniscene_jax.train import prepare_data, write_json
 
   data_dir = prepare_data(config, data_dir)
-  mc = model_config_from(config)
-  model = build_model(mc)
+  model = build_model(model_config_from(config))
   variables, step = load_variables(workdir, step)
   split = config.data.val_split
   source = ip.open_source(data_dir, config.data.name, split)
-  enc = mc.head.encoder
   classes = config.model.num_classes
-  eval_step = jax.jit(make_eval_step(model, config))
+  update = jax.jit(make_confusion_update(config))
   confusion = jnp.zeros((classes, classes), jnp.int32)
-  prev_bev = jnp.zeros((1, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
-  previous = None
-  for i in range(len(source)):  # frames in (scene, time) order
-    record = source[i]
-    frame, same = _frame(record, previous, config.data.target)
-    prev_bev, confusion, pred, target = eval_step(
-      variables, frame, prev_bev, jnp.asarray([same]), confusion
-    )
-    previous = record
+  for p in predict_frames(config, model, variables, source):
+    confusion, pred, target = update(confusion, p.logits, p.frame)
   result = summarize(np.asarray(confusion), classes)
   result.update(step=step, split=split, frames=len(source))
   print(f'{split} ({len(source)} frames, step {step}): {result["table"]}', flush=True)

@@ -1,0 +1,209 @@
+"""Researcher tools: the visualiser's pictures and the parameters/FLOPs report."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import pretrain
+from uniscene_jax.tools import flops
+from uniscene_jax.tools import visualize as vis
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tfds_dir, tmp_path_factory):
+  """A workdir of the :tiny preset trained for two steps (config.json and a checkpoint)."""
+  from uniscene_jax import train
+
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  cfg = pretrain.get_config('tiny')
+  cfg.num_steps = 2
+  cfg.eval_at_end = False
+  train.train_and_evaluate(cfg, str(workdir), str(tfds_dir))
+  return workdir
+
+
+# Layout of a frame's picture with the synthetic world's 400 x 225 images: header 28, cameras
+# (title 22 + 2 rows of 320 x 180), top views (title 22 + 320), legend 28, 3D views (22 + 360).
+PICTURE_SIZE = (960, 28 + 22 + 2 * 180 + 22 + 320 + 28 + 22 + 360)
+
+
+def test_pictures_of_a_tiny_run_and_of_its_pth(tiny_workdir, tfds_dir, tmp_path):
+  from uniscene_jax.convert import to_torch
+  from uniscene_jax.data import input_pipeline as ip
+
+  cfg = vis.config_from_workdir(str(tiny_workdir))
+  saved = json.loads((tiny_workdir / 'config.json').read_text())['config']
+  assert json.loads(cfg.to_json_best_effort()) == saved  # the run's config, rebuilt
+  paths = vis.visualize(
+    cfg, str(tmp_path / 'a'), workdir=str(tiny_workdir), data_dir=str(tfds_dir), num_samples=2,
+    start=1, every=2,
+  )  # fmt: skip
+  assert [pathlib.Path(p).name for p in paths] == ['val_00001.png', 'val_00003.png']
+  pictures = [np.asarray(Image.open(p).convert('RGB')) for p in paths]
+  for p, picture in zip(paths, pictures, strict=True):
+    assert Image.open(p).size == PICTURE_SIZE and pathlib.Path(p).stat().st_size > 50_000
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 1000  # real content, not a blank
+  # The back camera (records' index 3) sits in the middle of the lower row, in RGB.
+  record = ip.open_source(str(tfds_dir), cfg.data.name, 'val')[3]
+  back = vis.rig_picture(record['images'])[180 + 30 :, 320:640]  # below its label
+  np.testing.assert_array_equal(pictures[1][28 + 22 + 180 + 30 : 28 + 22 + 360, 320:640], back)
+  # The same weights through a .pth and the importer give the same pictures below the header.
+  pth = str(tmp_path / 'tiny.pth')
+  assert to_torch.main(['--workdir', str(tiny_workdir), '--output', pth]) == 0
+  again = vis.visualize(
+    cfg, str(tmp_path / 'b'), weights=pth, data_dir=str(tfds_dir), num_samples=1, start=3
+  )
+  np.testing.assert_array_equal(np.asarray(Image.open(again[0]))[28:], pictures[1][28:])
+
+
+def test_bad_visualiser_arguments_are_refused(tmp_path):
+  with pytest.raises(ValueError, match='config.json: not found'):
+    vis.config_from_workdir(str(tmp_path))
+  with pytest.raises(ValueError, match='--num_samples 0'):
+    vis.visualize(pretrain.get_config('tiny'), str(tmp_path), num_samples=0)
+  with pytest.raises(ValueError, match=r'boxes must be \[K, 7\+\]'):
+    vis.draw_boxes(np.zeros((8, 8, 3), np.uint8), np.zeros((2, 5)), (-1, -1, -1, 1, 1, 1))
+
+
+def test_rig_layout_and_colours():
+  # camera n is a flat BGR image of value (n, 10 n, 100): its tile shows RGB (100, 10 n, n)
+  images = [np.broadcast_to(np.uint8([n, 10 * n, 100]), (90, 160, 3)) for n in range(6)]
+  rig = vis.rig_picture(images, width=160)
+  assert rig.shape == (180, 480, 3)
+  layout = [[2, 0, 1], [4, 3, 5]]  # front-left, front, front-right / back-left, back, back-right
+  for r, row in enumerate(layout):
+    for c, n in enumerate(row):
+      np.testing.assert_array_equal(rig[r * 90 + 60, c * 160 + 80], [100, 10 * n, n])
+
+
+def test_top_view_orientation_height_and_classes():
+  grid = np.zeros((10, 8, 4), np.uint8)
+  grid[9, 7, :3] = 1  # front (largest x), left (largest y), top at z = 2
+  grid[0, 0, 0] = 1  # back right, on the floor
+  occupied, colors = vis.voxel_colors(grid, 0, semantic=False)
+  pic = vis.top_view(occupied, colors)
+  assert pic.shape == (10, 8, 3)
+  np.testing.assert_array_equal(pic[0, 0], vis.height_colors(np.array(2), 4))  # top left
+  np.testing.assert_array_equal(pic[9, 7], vis.height_colors(np.array(0), 4))  # bottom right
+  assert (pic[1:9] == vis.BACKGROUND).all()
+  assert vis.height_colors(np.array(3), 4).sum() > vis.height_colors(np.array(0), 4).sum()
+  sem = np.full((10, 8, 4), 17, np.uint8)
+  sem[4, 3, 0], sem[4, 3, 2] = 11, 4  # driveable surface under a car: the car is seen
+  occupied, colors = vis.voxel_colors(sem, 17, semantic=True)
+  np.testing.assert_array_equal(vis.top_view(occupied, colors)[5, 4], vis.OCC3D_PALETTE[4])
+
+
+def test_bev_pca_recovers_the_principal_patterns():
+  bev_h, bev_w, c = 12, 20, 16  # h along y, w along x
+  y, x = np.meshgrid(np.linspace(-1, 1, bev_h), np.linspace(-1, 1, bev_w), indexing='ij')
+  patterns = np.stack([3 * x, 2 * y, x * y], -1).reshape(-1, 3)  # decreasing variance
+  patterns -= patterns.mean(0)
+  loadings = np.linalg.qr(np.random.default_rng(0).normal(size=(c, 3)))[0].T  # orthonormal
+  noise = np.random.default_rng(1).normal(0, 1e-3, (bev_h * bev_w, c))
+  rgb = vis.bev_pca(patterns @ loadings + noise, bev_h, bev_w)
+  assert rgb.shape == (bev_w, bev_h, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
+  expected = vis.orient(patterns.reshape(bev_h, bev_w, 3).transpose(1, 0, 2))
+  for k in range(3):
+    r = np.corrcoef(rgb[..., k].ravel(), expected[..., k].ravel())[0, 1]
+    assert abs(r) > 0.99, (k, r)
+  # red follows x: larger at the top of the picture (forward) for one sign, monotone by rows
+  red = rgb[..., 0].mean(1)
+  assert np.all(np.diff(red) < 0) or np.all(np.diff(red) > 0)
+
+
+def test_oblique_view_occludes_and_shades():
+  blue, red = np.uint8([0, 0, 255]), np.uint8([255, 0, 0])
+  grid = np.zeros((12, 12, 6), bool)
+  colors = np.zeros((12, 12, 6, 3), np.uint8)
+  grid[8, 4:8, 0], colors[8, 4:8, 0] = True, blue  # a low block
+  size = (1.0, 1.0, 1.0)
+  alone = vis.oblique_view(grid, colors, size, (200, 200), fit=np.ones_like(grid))
+  bluish = (alone[..., 2] > 100) & (alone[..., 0] < 60)
+  assert (alone == blue).all(-1).sum() > 50  # its top face, at full brightness
+  assert (bluish & (alone[..., 2] < 200)).sum() > 50  # the darker side faces
+  # A wall nearer to the viewer (behind-left-above: smaller x, larger y) hides it entirely.
+  grid[3:7, 2:11, :6], colors[3:7, 2:11, :6] = True, red
+  hidden = vis.oblique_view(grid, colors, size, (200, 200), fit=np.ones_like(grid))
+  assert not ((hidden[..., 2] > 100) & (hidden[..., 0] < 60)).any()
+  assert ((hidden[..., 0] > 100) & (hidden[..., 2] < 60)).sum() > 1000
+
+
+def test_draw_boxes_position_and_heading():
+  pc_range = (-50.0, -50.0, -5.0, 50.0, 50.0, 3.0)  # 100 m over 100 pixels
+  blank = np.zeros((100, 100, 3), np.uint8)
+  box = np.array([[20.0, 10.0, 0.0, 8.0, 4.0, 1.5, 0.0]])  # 20 m ahead, 10 m left, facing +x
+  drawn = vis.draw_boxes(blank, box, pc_range).any(-1)
+  rows, cols = np.nonzero(drawn)
+  # picture row = 50 - x, column = 50 - y: x in [16, 24] -> rows 26..34, y in [8, 12] -> 38..42
+  assert 25 <= rows.min() <= 27 and 33 <= rows.max() <= 35
+  assert 37 <= cols.min() <= 39 and 41 <= cols.max() <= 43
+  assert drawn[27:30, 40].all()  # the heading line from the centre towards the front edge
+  turned = box.copy()
+  turned[0, 3:5], turned[0, 6] = (4.0, 8.0), np.pi / 2  # same outline, facing +y
+  turned_mask = vis.draw_boxes(blank, turned, pc_range).any(-1)
+  outline = ~(drawn & ~turned_mask)  # the heading lines differ; the outlines agree
+  assert outline.mean() > 0.995 and turned_mask[30, 38:41].all()  # heading to the left
+  assert not vis.draw_boxes(blank, np.zeros((0, 7)), pc_range).any()
+
+
+def test_record_boxes_in_the_grid_frame_match_the_devkit_corners():
+  from nuscenes.utils.data_classes import Box
+  from pyquaternion import Quaternion
+
+  from uniscene_jax.data.occupancy_labels import FIXED_ROTATION
+
+  yaw = 0.7
+  box = Box([5.0, -3.0, 1.0], [2.0, 4.5, 1.6], Quaternion(axis=[0, 0, 1], angle=yaw))  # w, l, h
+  record = np.array([[5.0, -3.0, 1.0 - 0.8, 2.0, 4.5, 1.6, -yaw - np.pi / 2, 0.0, 0.0]])
+  x, y, z, dx, dy, dz, heading = vis.boxes_from_record(record, FIXED_ROTATION)[0]
+  c, s = math.cos(heading), math.sin(heading)
+  ours = [(x + c * u * dx / 2 - s * v * dy / 2, y + s * u * dx / 2 + c * v * dy / 2)
+          for u in (-1, 1) for v in (-1, 1)]  # fmt: skip
+  theirs = (FIXED_ROTATION @ box.corners())[:2, [2, 3, 6, 7]].T  # bottom corners, grid frame
+  assert z == pytest.approx(0.2) and dz == pytest.approx(1.6)
+  np.testing.assert_allclose(
+    sorted(map(tuple, np.round(ours, 6))), sorted(map(tuple, np.round(theirs, 6)))
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parameter_report_equals_the_manifest_per_module():
+  from tests.test_uniscene import MANIFEST
+
+  rows = flops.parameter_rows(flops.abstract_variables(pretrain.get_config())['params'])
+  assert sum(r['params'] for r in rows.values()) == 62_897_984
+  assert sum(r['trainable'] for r in rows.values()) == 62_570_240
+  manifest = json.loads(pathlib.Path(MANIFEST).read_text())
+  want = {}
+  for key, v in manifest.items():
+    if v['kind'] == 'parameter':
+      row = want.setdefault(flops.module_of(key), [0, 0])
+      row[0] += math.prod(v['shape'])
+      row[1] += math.prod(v['shape']) * v['requires_grad']
+  assert {k: [r['params'], r['trainable']] for k, r in rows.items()} == want
+  assert len(want) == 14 and want['img_neck'] == [3_278_592, 3_278_592]
+  table = flops.format_parameters(rows)
+  assert '62,897,984' in table and 'img_backbone' in table.splitlines()[2]
+
+
+def test_flops_grow_with_the_image_area():
+  cfg = pretrain.get_config('tiny')
+  cfg.model.bev_h = cfg.model.bev_w = 20
+  cfg.data.target_pool = 10
+  small = flops.forward_costs(flops.experiment(cfg, 1, 'float32', False, (64, 96), None))
+  large = flops.forward_costs(flops.experiment(cfg, 1, 'float32', False, (128, 192), None))
+  key = 'image features (img_backbone + img_neck)'
+  ratio = large[key]['flops'] / small[key]['flops']
+  assert 3.5 < ratio < 4.5, ratio  # convolutions: proportional to the pixels
+  assert small['occupancy head']['flops'] == large['occupancy head']['flops']  # BEV-sized
+  for costs in (small, large):
+    parts = sum(costs[k]['flops'] for k in list(costs)[:3])
+    assert costs['one frame (evaluation)']['flops'] == pytest.approx(parts, rel=0.05)
+    assert all(c['peak'] > 0 for c in costs.values())
+  assert large[key]['peak'] > small[key]['peak']
