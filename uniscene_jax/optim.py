@@ -2,9 +2,9 @@
 
 torch AdamW (lr 2e-4, betas 0.9 / 0.999, eps 1e-8, weight decay 0.01 on every trainable tensor),
 `img_backbone` parameters at 0.1 x the learning rate, frozen tensors (stem, layer1, every backbone
-BatchNorm) neither updated nor decayed nor counted in the gradient norm, global-norm clipping at 35,
-and mmcv's schedule: cosine annealing stepped per epoch down to 1e-3 x base, with a linear warm-up
-over the first 500 iterations starting at base / 3.
+BatchNorm, the detector's code_weights) neither updated nor decayed nor counted in the gradient
+norm, global-norm clipping at 35, and mmcv's schedule: cosine annealing stepped per epoch down to
+1e-3 x base, with a linear warm-up over the first 500 iterations starting at base / 3.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ FROZEN_PATTERNS = (
   r'^img_backbone/(conv1|bn1)/',
   r'^img_backbone/layer1_\d+/',
   r'^img_backbone/.*(^|/)(bn\d*|downsample_1)/',
+  r'^pts_bbox_head/code_weights/',  # the detection loss's per-code weights (requires_grad False)
 )
 BACKBONE_PATTERN = r'^img_backbone/'
 

@@ -11,7 +11,8 @@ tensor follows from its path by a few rules:
 | `embedding` | `weight` | as is |
 | LayerNorm / BatchNorm `scale` | `weight` | as is |
 | batch_stats `mean`, `var` | `running_mean`, `running_var` (+ `num_batches_tracked`) | as is |
-| bare parameters (level_embeds, cams_embeds) | same name | as is |
+| bare parameters (level_embeds, cams_embeds, code_weights) | same name | as is |
+| MultiheadAttention `in_proj_kernel` [C, 3C] (q, k, v) | `in_proj_weight` [3C, C] | transpose |
 
 Named exceptions (a name that is not an index) are listed in RENAMES.
 """
@@ -23,6 +24,8 @@ import numpy as np
 # Flax module names whose PyTorch attribute is not '<name>.<index>'.
 RENAMES = {'can_bus_mlp_norm': 'can_bus_mlp.norm'}
 _INDEX = re.compile(r'_(\d+)(?=_|$)')
+# Flax kernel leaves (transposed to PyTorch) and the names of their PyTorch tensors.
+_KERNEL_LEAVES = {'kernel': 'weight', 'in_proj_kernel': 'in_proj_weight'}
 
 
 def torch_module_path(flax_names) -> str:
@@ -45,14 +48,14 @@ def torch_key(path: tuple, collection: str = 'params') -> str:
   if collection == 'batch_stats':
     name = _STATS[leaf]
   else:
-    name = 'weight' if leaf in ('kernel', 'embedding', 'scale') else leaf
+    name = 'weight' if leaf in ('embedding', 'scale') else _KERNEL_LEAVES.get(leaf, leaf)
   module = torch_module_path(path[:-1])
   return f'{module}.{name}' if module else name
 
 
 def permutation(path: tuple, ndim: int) -> tuple[int, ...] | None:
   """The Flax -> PyTorch transpose of a parameter (None: same layout)."""
-  if path[-1] != 'kernel':
+  if path[-1] not in _KERNEL_LEAVES:
     return None
   if ndim not in _KERNEL_PERMUTATIONS:
     raise ValueError(f'{"/".join(path)}: kernel of rank {ndim} has no PyTorch layout rule')

@@ -1,10 +1,13 @@
-r"""An orbax checkpoint of the pre-training model -> a PyTorch `.pth` for the reference code.
+r"""An orbax checkpoint -> a PyTorch `.pth` for the reference code.
 
-    python -m uniscene_jax.convert.to_torch --workdir W [--step N] --output model.pth [--arch occ]
+    python -m uniscene_jax.convert.to_torch --workdir W [--step N] --output M.pth [--arch occ|det]
 
 writes `{'state_dict': ..., 'meta': {...}}` whose keys, shapes and dtypes are those of the
-reference's BEVFormerOcc (`load_state_dict(..., strict=True)` passes): float32 tensors (bfloat16
-cast up) and int64 `num_batches_tracked`. The file is written to a temporary name, then renamed.
+reference's BEVFormerOcc (`--arch occ`, the pre-training model) or BEVFormer-base (`--arch det`,
+the detector; its MultiheadAttention q | k | v projections are one packed `in_proj_weight` and
+`code_weights` is written as the frozen tensor it is), so `load_state_dict(..., strict=True)`
+passes: float32 tensors (bfloat16 cast up) and int64 `num_batches_tracked`. The file is written to
+a temporary name, then renamed.
 """
 
 import argparse
@@ -28,8 +31,14 @@ def state_dict_from_variables(variables: dict, arch: str = 'occ', manifest: dict
 
   if arch not in MANIFESTS:
     raise ValueError(f'--arch must be one of {sorted(MANIFESTS)}, got {arch!r}')
-  if arch == 'det':
-    raise ValueError('--arch det: the detection model is not part of this checkpoint format yet')
+  is_det = 'query_embedding' in dict(variables.get('params', {}).get('pts_bbox_head', {}))
+  if is_det != (arch == 'det'):
+    kind = 'the detector' if is_det else 'the pre-training model'
+    raise ValueError(
+      f'--arch {arch}: the variables are those of {kind} '
+      f'(pts_bbox_head/query_embedding {"present" if is_det else "absent"}); '
+      f'use --arch {"det" if is_det else "occ"}'
+    )
   arrays = key_map.to_torch_arrays(variables)
   if manifest is not None:
     check_against_manifest({k: (v.shape, str(v.dtype)) for k, v in arrays.items()}, manifest)

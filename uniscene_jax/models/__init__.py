@@ -4,21 +4,34 @@ import jax.numpy as jnp
 
 
 def model_config_from(config):
-  """A ModelConfig from an experiment config (ml_collections) or a ModelConfig itself."""
+  """A ModelConfig from an experiment config (ml_collections) or a ModelConfig itself.
+
+  `config.model.arch == 'det'` gives the detector's DetectorConfig (a ModelConfig subclass).
+  """
   from uniscene_jax.models.uniscene import ModelConfig
 
   if isinstance(config, ModelConfig):
     return config
+  arch = config.model.get('arch', 'occ')
+  if arch == 'det':
+    from uniscene_jax.models.detector import detector_config
+
+    return detector_config(config)
+  if arch != 'occ':
+    raise ValueError(f"config.model.arch must be 'occ' or 'det', got {arch!r}")
   from uniscene_jax.models.config import model_config
 
   return model_config(config)
 
 
 def build_model(config):
-  """The pre-training model (UniSceneOcc) of an experiment config or a ModelConfig."""
+  """The model of an experiment config or a ModelConfig: UniSceneOcc (pre-training), or
+  UniSceneDet (detection) for a DetectorConfig / `config.model.arch == 'det'`."""
+  from uniscene_jax.models.detector import DetectorConfig, UniSceneDet
   from uniscene_jax.models.uniscene import UniSceneOcc
 
-  return UniSceneOcc(model_config_from(config))
+  cfg = model_config_from(config)
+  return UniSceneDet(cfg) if isinstance(cfg, DetectorConfig) else UniSceneOcc(cfg)
 
 
 def init_variables(config, rng) -> dict:
@@ -44,7 +57,7 @@ def init_variables(config, rng) -> dict:
       jnp.zeros((b, enc.bev_h * enc.bev_w, enc.embed_dims)),
       jnp.zeros((b,), bool),
     )
-    return module.occupancy(bev)
+    return module.detect(bev) if hasattr(module, 'detect') else module.occupancy(bev)
 
   variables = model.init(rng, method=touch)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}

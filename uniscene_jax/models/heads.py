@@ -124,7 +124,11 @@ class BEVHead(nn.Module):
       enc.bev_h * enc.bev_w, enc.embed_dims, embedding_init=normal, param_dtype=jnp.float32
     )
     self.positional_encoding = LearnedPositionalEncoding(enc.bev_h, enc.bev_w, enc.embed_dims // 2)
-    self.transformer = PerceptionTransformer(self.config, self.dtype)
+    self.transformer = self.make_transformer()
+
+  def make_transformer(self):
+    """The `transformer` submodule (the detector's head returns its own)."""
+    return PerceptionTransformer(self.config, self.dtype)
 
   def bev(self, mlvl_feats, lidar2img, ego2lidar, can_bus, prev_bev, prev_exists, train=False):
     """-> (bev [B, HW, C], aux) for one frame."""

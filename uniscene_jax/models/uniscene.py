@@ -38,7 +38,11 @@ class UniSceneOcc(nn.Module):
     dtype = DTYPES[cfg.dtype]
     self.img_backbone = backbone_lib.ResNet(cfg.backbone, dtype=dtype)
     self.img_neck = fpn_lib.FPN(cfg.neck, dtype=dtype)
-    self.pts_bbox_head = BEVHead(cfg.head, dtype=dtype)
+    self.pts_bbox_head = self.make_head(dtype)
+
+  def make_head(self, dtype):
+    """The `pts_bbox_head` submodule (the detector returns its own)."""
+    return BEVHead(self.config.head, dtype=dtype)
 
   def features(self, img: jnp.ndarray) -> list[jnp.ndarray]:
     """img [B, N, H, W, 3] normalised BGR -> per FPN level [B, N, h, w, C]."""
@@ -64,6 +68,22 @@ class UniSceneOcc(nn.Module):
         deltas; prev_bev_exists: [B, T] bool.
     aux: 'bev_embed' [B, HW, C] of the current frame, 'sca_overflow' [B].
     """
+    prev = self.history(img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
+    bev, aux = self.frame(
+      img[:, -1],
+      lidar2img[:, -1],
+      ego2lidar[:, -1],
+      can_bus[:, -1],
+      prev,
+      prev_bev_exists[:, -1],
+      train,
+    )
+    logits = self.occupancy(bev, train)
+    return logits, {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
+
+  def history(self, img, lidar2img, ego2lidar, can_bus, prev_bev_exists):
+    """The BEV [B, HW, C] float32 that the queue's first T - 1 frames pass to the last one (zeros
+    for T = 1): each history frame in inference mode, without gradient (arguments as __call__)."""
     enc = self.config.head.encoder
     b, t = img.shape[:2]
     prev = jnp.zeros((b, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
@@ -82,14 +102,4 @@ class UniSceneOcc(nn.Module):
         jnp.swapaxes(x[:, :-1], 0, 1) for x in (img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
       )
       prev, _ = scan(self, prev, frames)
-    bev, aux = self.frame(
-      img[:, -1],
-      lidar2img[:, -1],
-      ego2lidar[:, -1],
-      can_bus[:, -1],
-      prev,
-      prev_bev_exists[:, -1],
-      train,
-    )
-    logits = self.occupancy(bev, train)
-    return logits, {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
+    return prev
