@@ -2,23 +2,27 @@ r"""Parameters per module, FLOPs and compiled peak memory of a config's model, w
 
     python -m uniscene_jax.tools.flops --config=configs/pretrain.py[:preset] [--compile] \
         [--batch_per_device 1] [--dtype float32|bfloat16] [--remat] [--image_size H,W] \
-        [--queue T] [--config.model.x=...]
+        [--queue T] [--notrain_step] [--config.model.x=...]
+    python -m uniscene_jax.tools.flops --config=configs/finetune_det.py   # the detector
 
 Always (instantly, from the abstract parameters of `init_variables` under jax.eval_shape): the
 parameters per module under the reference's names (the stem and stages of img_backbone, img_neck,
 the BEV embedding and positional encoding, the encoder, the CAN-bus MLP, the occupancy layers ...),
 with what the optimiser trains (the frozen stem, layer1 and backbone BatchNorms excluded) and
-totals. At the `base` preset they equal the reference's state_dict manifest: 62,897,984
-parameters, 62,570,240 trainable.
+totals. At the `base` presets they equal the reference's state_dict manifests: 62,897,984
+parameters (62,570,240 trained) for the occupancy model, 69,034,947 (68,707,193) for the detector
+(BEVFormer-base).
 
 With --compile, each part is lowered on abstract inputs and compiled by XLA, and the compiled
 programs give FLOPs (XLA's cost analysis; a multiply-add counts 2) and the peak memory per device
 (temp + arguments + outputs - aliased): the forward of one frame in inference (image features,
-BEV encoder, occupancy head, then the whole frame as evaluation runs it) and the whole train step
+BEV encoder, occupancy or detection head, then the whole frame) and the whole train step
 of `train.make_train_step` (the queue's history frames, the current frame's forward and backward,
 AdamW, the state donated) for --batch_per_device samples, in --dtype, with or without --remat
-(backbone and encoder). Compiling is the slow part: seconds at the tiny presets, minutes for the
-base train step on a CPU, which is why it is asked for rather than done by default.
+(backbone and encoder); --notrain_step leaves the train step out. Compiling is the slow part:
+seconds for the tiny presets' forward, a minute or more for their train step, many minutes for the
+base train step on a CPU, which is why it is asked for rather than done by default. The
+detector's train step is not measured yet.
 """
 
 import re
@@ -37,9 +41,11 @@ NOTES = {
   'pts_bbox_head.transformer.level_embeds': 'per FPN level',
   'pts_bbox_head.transformer.cams_embeds': 'per camera',
   'pts_bbox_head.transformer.encoder': 'TSA + SCA + FFN layers',
-  'pts_bbox_head.transformer.decoder': 'occupancy: Conv3d + BN3d',
   'pts_bbox_head.transformer.predicter': 'occupancy: MLP to classes',
+  'pts_bbox_head.query_embedding': 'object queries',
+  'pts_bbox_head.code_weights': 'loss weights (frozen)',
 }
+DECODER_NOTES = {False: 'occupancy: Conv3d + BN3d', True: 'object-query decoder layers'}
 
 # Rows of the parameter table: (pattern on the PyTorch key, depth of the row's name).
 _DEPTHS = ((r'^img_backbone\.', 2), (r'^pts_bbox_head\.transformer\.', 3), (r'^pts_bbox_head\.', 2))
@@ -103,7 +109,10 @@ def format_parameters(rows: dict[str, dict]) -> str:
     lines.append(_param_line(group, g, total))
     for name, r in members:
       if name != group:
-        lines.append(_param_line('  ' + name[len(group) + 1 :], r, total, NOTES.get(name, '')))
+        note = NOTES.get(name, '')
+        if name == 'pts_bbox_head.transformer.decoder':
+          note = DECODER_NOTES['pts_bbox_head.query_embedding' in rows]
+        lines.append(_param_line('  ' + name[len(group) + 1 :], r, total, note))
   lines.append('-' * len(lines[0]))
   n_tensors = sum(r['tensors'] for r in rows.values())
   lines.append(
@@ -166,12 +175,19 @@ def experiment(config, batch_per_device: int, dtype: str, remat: bool, image_siz
   return cfg
 
 
-def forward_costs(cfg) -> dict[str, dict]:
-  """Compiled costs of the inference forward of one frame and of its parts."""
+FEATURES = 'image features (img_backbone + img_neck)'
+ENCODER = 'BEV encoder (pts_bbox_head.bev)'
+FRAME = 'one frame (inference)'
+TRAIN_STEP = 'train step (queue, forward + backward + AdamW)'
+
+
+def forward_costs(cfg, parts: tuple[str, ...] | None = None) -> dict[str, dict]:
+  """Compiled costs of the inference forward of one frame (normalisation, features, encoder,
+  head) and of its parts; `parts` picks some of FEATURES, ENCODER, the head's name, FRAME."""
   import jax
   import jax.numpy as jnp
 
-  from uniscene_jax import evaluate
+  from uniscene_jax.data import augment
   from uniscene_jax.models import build_model, model_config_from
   from uniscene_jax.tools import bench_model
 
@@ -181,12 +197,17 @@ def forward_costs(cfg) -> dict[str, dict]:
   enc = mc.head.encoder
   batch = bench_model.make_batch(cfg)
   spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-  inputs = {k: spec(batch[k][:, -1]) for k in evaluate.INPUTS}
+  inputs = {k: spec(batch[k][:, -1]) for k in ('img', 'lidar2img', 'ego2lidar', 'can_bus')}
   b = cfg.batch_size
   prev = jax.ShapeDtypeStruct((b, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
   exists = jax.ShapeDtypeStruct((b,), jnp.bool_)
   img = jax.ShapeDtypeStruct(inputs['img'].shape, jnp.float32)
-  feats = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features), variables, img)
+  detector = hasattr(model, 'detect')
+  head_name = 'detection head' if detector else 'occupancy head'
+  head_method = model.detect if detector else model.occupancy
+
+  def features(v, x):
+    return model.apply(v, x, method=model.features)
 
   def bev(v, f, i, p, e):
     return model.apply(
@@ -200,20 +221,26 @@ def forward_costs(cfg) -> dict[str, dict]:
       method=lambda m, *a: m.pts_bbox_head.bev(*a)[0],
     )
 
-  bev_out = jax.eval_shape(bev, variables, feats, inputs, prev, exists)
-  step = evaluate.make_frame_step(model, cfg)
-  return {
-    'image features (img_backbone + img_neck)': compiled_cost(
-      lambda v, x: model.apply(v, x, method=model.features), variables, img
+  def head(v, x):
+    return model.apply(v, x, method=head_method)
+
+  def frame(v, i, p, e):  # as evaluation runs a frame, for either head
+    x = augment.normalize(i['img'].astype(jnp.float32), tuple(cfg.data.image_size))
+    out, _ = model.apply(
+      v, x, i['lidar2img'], i['ego2lidar'], i['can_bus'], p, e, method=model.frame
+    )
+    return out, head(v, out)
+
+  feats = jax.eval_shape(features, variables, img)
+  programs = {
+    FEATURES: lambda: compiled_cost(features, variables, img),
+    ENCODER: lambda: compiled_cost(bev, variables, feats, inputs, prev, exists),
+    head_name: lambda: compiled_cost(
+      head, variables, jax.eval_shape(bev, variables, feats, inputs, prev, exists)
     ),
-    'BEV encoder (pts_bbox_head.bev)': compiled_cost(bev, variables, feats, inputs, prev, exists),
-    'occupancy head': compiled_cost(
-      lambda v, x: model.apply(v, x, method=model.occupancy), variables, bev_out
-    ),
-    'one frame (evaluation)': compiled_cost(
-      lambda *a: step(*a)[:2], variables, inputs, prev, exists
-    ),
+    FRAME: lambda: compiled_cost(frame, variables, inputs, prev, exists),
   }
+  return {k: run() for k, run in programs.items() if parts is None or k in parts}
 
 
 def train_step_cost(cfg) -> dict:
@@ -254,6 +281,7 @@ def report(
   remat: bool = False,
   image_size=None,
   queue: int | None = None,
+  train_step: bool = True,
 ) -> dict:
   """Prints the tables; returns {'parameters': rows, 'costs': {program: cost}}."""
   if batch_per_device < 1:
@@ -271,7 +299,10 @@ def report(
     print('\nFLOPs and memory: add --compile (compiles the forward and the train step).')
     return out
   costs = forward_costs(cfg)
-  costs['train step (queue, forward + backward + AdamW)'] = train_step_cost(cfg)
+  if train_step and cfg.model.get('arch', 'occ') == 'det':
+    print("\nThe detector's train step is not measured (bench_model builds occupancy batches).")
+  elif train_step:
+    costs[TRAIN_STEP] = train_step_cost(cfg)
   print('\nCompiled FLOPs (XLA cost analysis) and peak memory per device (XLA buffer assignment)')
   print(format_costs(costs, cfg), flush=True)
   out['costs'] = costs
@@ -279,18 +310,20 @@ def report(
 
 
 def main(argv) -> None:
-  from absl import flags
+  from absl import app, flags
 
   f = flags.FLAGS
   if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   image_size = None
   if f.image_size:
     try:
       image_size = tuple(int(v) for v in f.image_size)
     except ValueError as e:
-      raise ValueError(f'--image_size must be H,W in pixels, got {f.image_size}') from e
-  report(f.config, f.compile, f.batch_per_device, f.dtype, f.remat, image_size, f.queue)
+      raise app.UsageError(f'--image_size must be H,W in pixels, got {f.image_size}') from e
+  report(
+    f.config, f.compile, f.batch_per_device, f.dtype, f.remat, image_size, f.queue, f.train_step
+  )
 
 
 def _define_flags() -> None:
@@ -304,6 +337,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool('remat', False, 'rematerialise backbone and encoder in the backward')
   flags.DEFINE_list('image_size', None, 'H,W of the camera images (default: the config)')
   flags.DEFINE_integer('queue', None, 'frames per training sample (default: the config)')
+  flags.DEFINE_bool('train_step', True, 'with --compile: also the train step (the slow compile)')
 
 
 if __name__ == '__main__':

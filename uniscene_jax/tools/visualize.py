@@ -325,9 +325,10 @@ def _ego_marker(picture: np.ndarray) -> np.ndarray:
 
 
 def _legend(semantic: bool, present, depth: int, pc_range) -> np.ndarray:
-  strip = np.empty((LEGEND, WIDTH, 3), np.uint8)
-  strip[:] = BACKGROUND
+  """The height colour bar, or the classes in the frame (then 18 pixels taller per extra row)."""
   if not semantic:
+    strip = np.empty((LEGEND, WIDTH, 3), np.uint8)
+    strip[:] = BACKGROUND
     bar = height_colors(np.arange(depth), depth)
     x0, x1 = 130, WIDTH - 80
     strip[8:20, x0:x1] = bar[np.linspace(0, depth - 1e-6, x1 - x0).astype(int)]
@@ -337,14 +338,20 @@ def _legend(semantic: bool, present, depth: int, pc_range) -> np.ndarray:
     return strip
   from uniscene_jax.data.nuscenes_meta import OCC3D_CLASSES
 
-  x = 6
-  for k in sorted(present):  # the classes in this frame, a handful
-    name = OCC3D_CLASSES[k]
-    strip[9:19, x : x + 10] = OCC3D_PALETTE[k]
-    _label(strip, name, (x + 13, 18), 0.38)
-    x += 22 + 7 * len(name)
-    if x > WIDTH - 60:
-      break
+  entries, x, y = [], 6, 0  # the frame's classes, flowing into rows of 18 pixels
+  for k in sorted(int(c) for c in present):
+    name = OCC3D_CLASSES[k].replace('_', ' ')
+    width = 18 + cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+    if x + width > WIDTH - 6:
+      x, y = 6, y + 18
+    entries.append((k, name, x, y))
+    x += width + 14
+  strip = np.empty((LEGEND + y, WIDTH, 3), np.uint8)
+  strip[:] = BACKGROUND
+  for k, name, x, y in entries:
+    strip[y + 8 : y + 20, x : x + 12] = (90, 90, 90)  # a border: 'others' is black
+    strip[y + 9 : y + 19, x + 1 : x + 11] = OCC3D_PALETTE[k]
+    _label(strip, name, (x + 17, y + 18), 0.4)
   return strip
 
 
@@ -562,13 +569,13 @@ def _score(target: np.ndarray, prediction: np.ndarray, free: int, semantic: bool
 
 
 def main(argv) -> None:
-  from absl import flags
+  from absl import app, flags
 
   f = flags.FLAGS
   if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
-  if not f.workdir and not f.weights:
-    raise ValueError('--workdir or --weights (with --config) is required')
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not f.workdir and not (f.weights and f.config is not None):
+    raise app.UsageError('--workdir, or --weights with --config=configs/<task>.py[:preset]')
   config = f.config if f.config is not None else config_from_workdir(f.workdir)
   out = f.out or os.path.join(f.workdir or '.', 'pictures')
   visualize(
