@@ -21,7 +21,7 @@ from uniscene_jax.models.detector import DetectorConfig, UniSceneDet
 
 REFERENCE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference')
 # fp32 parity with the twin: |JAX - torch| <= ATOL * max|torch| + RTOL * |torch|, per output.
-ATOL, RTOL = 2e-4, 1e-4
+ATOL, RTOL = 2e-5, 1e-5
 
 
 def _manifest(name):
