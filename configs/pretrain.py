@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = 'data/tfds'
+  c.data.nuscenes_root = 'data/nuscenes'  # the devkit's dataroot (detection evaluation only)
   c.data.name = 'nuscenes_occ/trainval'
   c.data.train_split = 'train'
   c.data.val_split = 'val'

@@ -41,8 +41,9 @@ INPUTS = ('img', 'lidar2img', 'ego2lidar', 'can_bus')
 def make_frame_step(model, config):
   """(variables, inputs, prev_bev, prev_exists) -> (bev [1, HW, C] float32, logits, aux).
 
-  logits: [1, X, Y, Z, classes] float32 on the model's grid; aux: the frame's named outputs
-  (`sca_overflow`, and `boxes` [1, K, 7+] in the ego frame once a model predicts them).
+  logits: [1, X, Y, Z, classes] float32 on the model's grid (None for the detector); aux: the
+  frame's named outputs (`sca_overflow`; the detector's `detections`: the NMS-free coder's
+  boxes [1, K, 9] in the lidar frame with scores, labels and valid flags).
   """
   valid_hw = tuple(config.data.image_size)
 
@@ -58,8 +59,18 @@ def make_frame_step(model, config):
       prev_exists,
       method=model.frame,
     )
-    logits = model.apply(variables, bev, method=model.occupancy)
-    return bev.astype(jnp.float32), logits, aux
+    if not hasattr(model, 'detect'):
+      logits = model.apply(variables, bev, method=model.occupancy)
+      return bev.astype(jnp.float32), logits, aux
+    from uniscene_jax.detection import boxes as box_lib
+
+    outputs = model.apply(variables, bev, method=model.detect)
+    threshold = config.get('eval_score_threshold', 0.0)
+    aux = dict(aux)
+    aux['detections'] = box_lib.decode_batch(  # the last decoder layer, NMS-free
+      outputs['cls'][-1], outputs['box'][-1], score_threshold=threshold or None
+    )
+    return bev.astype(jnp.float32), None, aux
 
   return step
 
@@ -133,8 +144,9 @@ def _frame(record, previous, target: str) -> tuple[dict, bool]:
     'lidar2img': record['lidar2img'][None].astype(np.float32),
     'ego2lidar': record['ego2lidar'][None].astype(np.float32),
     'can_bus': can[None].astype(np.float32),
-    'occ_target': (record['occ_binary'] if target == 'binary' else record['occ_semantics'])[None],
   }
+  if target in ('binary', 'occ3d'):
+    frame['occ_target'] = record['occ_binary' if target == 'binary' else 'occ_semantics'][None]
   if target == 'occ3d':
     frame['occ_mask_camera'] = record['occ_mask_camera'][None]
   return frame, same
@@ -149,6 +161,8 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
   variables, step = load_variables(workdir, step)
   split = config.data.val_split
   source = ip.open_source(data_dir, config.data.name, split)
+  if hasattr(model, 'detect'):
+    return evaluate_detection(config, model, variables, source, workdir, step)
   classes = config.model.num_classes
   update = jax.jit(make_confusion_update(config))
   confusion = jnp.zeros((classes, classes), jnp.int32)
@@ -163,6 +177,56 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
   result['picture'] = np.concatenate(  # last frame: target | prediction
     [summary.top_view(np.asarray(target), free), gap, summary.top_view(np.asarray(pred), free)], 1
   )
+  return result
+
+
+NUSCENES_VERSIONS = {'mini': 'v1.0-mini', 'trainval': 'v1.0-trainval'}
+
+
+def evaluate_detection(config, model, variables, source, workdir: str, step: int) -> dict:
+  """nuScenes detection metrics (mAP, NDS, per class) of the split with the devkit's
+  DetectionEval; the devkit reads the ground truth from `config.data.nuscenes_root`."""
+  from nuscenes.nuscenes import NuScenes
+
+  from uniscene_jax.detection import nusc_eval
+  from uniscene_jax.train import write_json
+
+  version = NUSCENES_VERSIONS.get(config.data.name.split('/')[-1])
+  root = config.data.nuscenes_root
+  if version is None:
+    raise ValueError(
+      f'config.data.name={config.data.name!r}: expected nuscenes_occ/mini or /trainval'
+    )
+  if not os.path.isdir(os.path.join(root, version)):
+    raise ValueError(
+      f'config.data.nuscenes_root={root!r}: no {version}/ tables there (DetectionEval reads the '
+      f'ground truth from the nuScenes tables)'
+    )
+  split = config.data.val_split
+  detections = []
+  for p in predict_frames(config, model, variables, source):
+    decoded = {k: np.asarray(v[0]) for k, v in p.aux['detections'].items()}
+    token = p.record['sample_token']
+    token = token.decode() if isinstance(token, bytes) else str(token)
+    detections.append((token, decoded, p.record['lidar2ego'], p.record['ego2global']))
+  results = nusc_eval.results_of_split(detections, nusc_eval.class_ranges())
+  out_dir = os.path.join(workdir, f'eval_{split}_step{step}')
+  result_path = nusc_eval.write_results(os.path.join(out_dir, 'results_nusc.json'), results)
+  nusc = NuScenes(version=version, dataroot=root, verbose=False)
+  summary_ = nusc_eval.evaluate(nusc, result_path, out_dir, print_fn=None)
+  result = {
+    'mAP': summary_['mean_ap'],
+    'NDS': summary_['nd_score'],
+    'tp_errors': summary_['tp_errors'],
+    'per_class_ap': summary_['mean_dist_aps'],
+    'table': nusc_eval.format_summary(summary_),
+    'step': step,
+    'split': split,
+    'frames': len(source),
+    'boxes': sum(len(r) for r in results.values()),
+  }
+  print(f'{split} ({len(source)} frames, step {step}):\n{result["table"]}', flush=True)
+  write_json(os.path.join(workdir, f'eval_{split}_step{step}.json'), result)
   return result
 
 

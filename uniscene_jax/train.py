@@ -56,6 +56,35 @@ def create_train_state(model_config, tx, rng) -> TrainState:
   )
 
 
+def task_loss(config, outputs, batch) -> tuple[jnp.ndarray, dict]:
+  """(loss, named terms) of the model's outputs on a batch, by config.loss.kind.
+
+  Occupancy ('focal', 'cross_entropy'): logits [B, X, Y, Z, C] against `occ_target` (pooled onto
+  a coarser BEV if `data.target_pool` > 1), camera-masked if `loss.use_camera_mask`; the term is
+  `loss_occ`. Detection ('detection'): {'cls', 'box'} of every decoder layer against `gt_boxes`
+  and `gt_labels`, Hungarian-matched per layer and image; the positives are averaged as over
+  `batch_size` devices of one sample each (the reference's 8 GPUs x 1), terms `loss_cls`,
+  `loss_bbox`, `d0.loss_cls`, ...
+  """
+  if config.loss.kind == 'detection':
+    from uniscene_jax.detection import losses as det_losses
+
+    loss, terms = det_losses.detection_loss(
+      outputs['cls'],
+      outputs['box'],
+      batch['gt_boxes'],
+      batch['gt_labels'],
+      num_replicas=outputs['cls'].shape[1],
+    )
+    return loss, {k: v for k, v in terms.items() if 'loss' in k}
+  mask = batch.get('occ_mask_camera') if config.loss.use_camera_mask else None
+  target, mask = targets.model_targets(
+    batch['occ_target'], mask, config.data.target_pool, config.data.target
+  )
+  loss = losses.occupancy_loss(config.loss.kind, outputs, target, mask)
+  return loss, {'loss_occ': loss}
+
+
 def make_train_step(model, tx, config):
   """(state, batch) -> (state, metrics); pure, to be jitted with the state donated."""
   valid_hw = tuple(config.data.image_size)
@@ -73,13 +102,8 @@ def make_train_step(model, tx, config):
       grid_mask_prob=config.augment.grid_mask_prob,
     )
 
-    mask = batch.get('occ_mask_camera') if config.loss.use_camera_mask else None
-    target, mask = targets.model_targets(
-      batch['occ_target'], mask, config.data.target_pool, config.data.target
-    )
-
     def loss_fn(params):
-      (logits, aux), updates = model.apply(
+      (outputs, aux), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         img,
         batch['lidar2img'],
@@ -90,10 +114,11 @@ def make_train_step(model, tx, config):
         rngs={'dropout': dropout_rng},
         mutable=['batch_stats'],
       )
-      loss = losses.occupancy_loss(config.loss.kind, logits, target, mask)
-      return loss, (aux, updates['batch_stats'])
+      loss, terms = task_loss(config, outputs, batch)
+      return loss, (aux, terms, updates.get('batch_stats', {}))
 
-    (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, terms, batch_stats)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -102,7 +127,8 @@ def make_train_step(model, tx, config):
     # A non-finite step is not applied: the host stops on `finite` and keeps the last good state.
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {
-      'loss_occ': loss,
+      'loss': loss,
+      **terms,
       'grad_norm': grad_norm,
       'finite': finite,
       'sca_overflow': jnp.max(aux['sca_overflow']),
@@ -167,6 +193,8 @@ def prepare_data(config, data_dir: str | None = None) -> str:
     flush=True,
   )
   _apply_local_preset(config)
+  with config.unlocked():
+    config.data.nuscenes_root = os.path.join(cache, 'synthetic_world', 'nuscenes')
   if dataset_status(tfds_dir, config.data.name) != 'ready':
     _build_synthetic(cache, tfds_dir)
   return tfds_dir
@@ -219,6 +247,22 @@ def _build_synthetic(cache: str, tfds_dir: str) -> None:
   )
 
 
+def check_config(config) -> None:
+  """Combinations of fields that cannot work, named before anything is built."""
+  kinds = ('detection',) if config.model.get('arch', 'occ') == 'det' else losses.OCCUPANCY_LOSSES
+  if config.loss.kind not in kinds:
+    raise ValueError(f'config.loss.kind={config.loss.kind!r}: this model takes one of {kinds}')
+  if config.loss.kind == 'detection':
+    if config.data.target != 'boxes':
+      raise ValueError(f"config.data.target={config.data.target!r}: detection needs 'boxes'")
+    queries = config.model.detection.num_query
+    if config.data.max_boxes > queries:
+      raise ValueError(
+        f'config.data.max_boxes={config.data.max_boxes} exceeds '
+        f'config.model.detection.num_query={queries}: every box must be matchable to a query'
+      )
+
+
 def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run:
   from uniscene_jax.models import build_model, init_variables, model_config_from
 
@@ -231,6 +275,7 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       f'{jax.device_count()} devices'
     )
   per_process = config.batch_size // process_count
+  check_config(config)
   model_config = model_config_from(config)
   model = build_model(model_config)
   steps_per_epoch = _steps_per_epoch(config, data_dir, per_process, process_count)
@@ -252,6 +297,8 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       split=config.data.train_split,
       queue_length=config.data.queue_length,
       target=config.data.target,
+      max_boxes=config.data.get('max_boxes', 256),
+      box_range=tuple(config.model.pc_range),
       batch_size=per_process,
       seed=config.seed,
       shuffle=True,
@@ -316,14 +363,14 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       writer.scalars(
         step,
         {
-          'train/loss_occ': m['loss_occ'],
+          **{f'train/{k}': v for k, v in m.items() if 'loss' in k},
           'train/grad_norm': m['grad_norm'],
           'train/lr': float(lr(step - 1)),
           'train/steps_per_second': rate,
           'train/samples_per_second': rate * config.batch_size,
         },
       )
-      bar.set_postfix(loss=f'{m["loss_occ"]:.4f}', refresh=False)
+      bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
       ckpt.save(step, state, data_iter.get_state(), force=True)
@@ -338,7 +385,8 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
 
     result = evaluate.evaluate(config, workdir, data_dir)
     writer.scalars(step, {f'eval/{k}': v for k, v in result.items() if _is_number(v)})
-    writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
+    if 'picture' in result:
+      writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
   writer.close()
   return Run(state=state, step=step, metrics=history)
 
@@ -438,7 +486,7 @@ def _check(step, metrics) -> dict:
   m = {k: float(np.asarray(v)) for k, v in metrics.items()}
   if not m['finite']:
     raise NonFiniteError(
-      f'step {step}: loss or gradients are not finite (loss_occ={m["loss_occ"]}, '
+      f'step {step}: loss or gradients are not finite (loss={m["loss"]}, '
       f'grad_norm={m["grad_norm"]}); stopping, the last checkpoint is kept'
     )
   if m['sca_overflow'] > 0:

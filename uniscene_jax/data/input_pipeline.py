@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-TARGETS = ('binary', 'occ3d')
+TARGETS = ('binary', 'occ3d', 'boxes')
 
 
 class BgrJpeg(tfds.decode.SkipDecoding):
@@ -71,13 +71,40 @@ def pad_images(images, divisor: int = 32) -> np.ndarray:
   return out
 
 
+def detection_targets(record: dict, max_boxes: int, box_range) -> dict:
+  """A record's ground truth as the detector trains on it, padded to `max_boxes`.
+
+  As the reference's loading: boxes of the 10 detection classes (label >= 0) with lidar or radar
+  points (gt_valid) whose centre lies inside the BEV range in x and y (lidar frame).
+  Returns gt_boxes float32 [max_boxes, 9] (lidar frame, bottom centre), gt_labels int32
+  [max_boxes] (-1 = padding).
+  """
+  boxes = np.asarray(record['gt_boxes'], np.float32).reshape(-1, 9)
+  labels = np.asarray(record['gt_labels']).reshape(-1)
+  x0, y0, _, x1, y1, _ = box_range
+  keep = (labels >= 0) & np.asarray(record['gt_valid'], bool).reshape(-1)
+  keep &= (boxes[:, 0] > x0) & (boxes[:, 0] < x1) & (boxes[:, 1] > y0) & (boxes[:, 1] < y1)
+  n = int(keep.sum())
+  if n > max_boxes:
+    raise ValueError(
+      f'sample {record["sample_token"]}: {n} ground-truth boxes, more than '
+      f'data.max_boxes={max_boxes}; raise it'
+    )
+  out_boxes = np.zeros((max_boxes, 9), np.float32)
+  out_labels = np.full((max_boxes,), -1, np.int32)
+  out_boxes[:n], out_labels[:n] = boxes[keep], labels[keep]
+  return {'gt_boxes': out_boxes, 'gt_labels': out_labels}
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   data_dir: str
   name: str = 'nuscenes_occ/mini'
   split: str = 'train'
   queue_length: int = 4  # frames per sample: queue_length - 1 history frames, then the current
-  target: str = 'binary'  # 'binary' (UniScene labels) or 'occ3d' (semantics + camera mask)
+  target: str = 'binary'  # 'binary' (UniScene labels), 'occ3d' (semantics + camera mask), 'boxes'
+  max_boxes: int = 256  # 'boxes': ground truth padded to this many per sample
+  box_range: tuple[float, ...] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # 'boxes': x, y filter
   batch_size: int = 1  # per process
   seed: int = 0
   shuffle: bool = True
@@ -117,7 +144,9 @@ class TemporalQueue(grain.transforms.RandomMap):
       'sample_token': np.bytes_(current['sample_token']),
       'scene_token': np.bytes_(current['scene_token']),
     }
-    if cfg.target == 'binary':
+    if cfg.target == 'boxes':
+      sample.update(detection_targets(current, cfg.max_boxes, cfg.box_range))
+    elif cfg.target == 'binary':
       sample['occ_target'] = current['occ_binary']
     else:
       sample['occ_target'] = current['occ_semantics']
