@@ -268,3 +268,18 @@ def test_initialisation_as_the_reference(small):
   star = star_offsets(8, 1, 4).reshape(8, 4, 2)
   np.testing.assert_allclose(star[1, 2], [3, 3], atol=1e-6)
   np.testing.assert_allclose(star[6, 0], [0, -1], atol=1e-6)
+
+
+def test_bad_config_names_the_field():
+  cfg = pretrain.get_config('tiny')
+  cfg.model.arch = 'detr'
+  with pytest.raises(ValueError, match="config.model.arch must be 'occ' or 'det', got 'detr'"):
+    models.model_config_from(cfg)
+  cfg.model.arch = 'det'
+  cfg.model.detection = {'num_queries': 10}
+  with pytest.raises(ValueError, match=r"config.model.detection: unknown fields \['num_queries'\]"):
+    models.model_config_from(cfg)
+  cfg.model.detection = {'num_query': 10, 'code_weights': [1.0] * 10}
+  mc = models.model_config_from(cfg)
+  assert mc.detection.num_query == 10 and mc.detection.code_weights == (1.0,) * 10
+  assert mc.head.occupancy is None and isinstance(models.build_model(mc), UniSceneDet)
