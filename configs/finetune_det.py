@@ -12,7 +12,8 @@ range, Hungarian matching and focal + L1 losses on every decoder layer, AdamW 2e
 cosine over 24 epochs, queue of 4 frames, photometric distortion and GridMask.
 
 Presets (`:name`) as in pre-training: base (default), local (laptop-sized, the synthetic world, a
-50 x 50 BEV, 100 queries, 2 decoder layers), tiny (smaller still, for tests).
+50 x 50 BEV, 100 queries, 2 decoder layers), tiny (smaller still, for tests),
+test (tiny for two steps with evaluation: a smoke run).
 """
 
 import ml_collections
@@ -22,7 +23,7 @@ from configs import common, pretrain
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny'):
+  if preset not in ('base', 'local', 'tiny', 'test'):
     raise ValueError(f'configs/finetune_det.py: unknown preset {preset!r}')
   c = pretrain.get_config(preset)
   c.config_module = 'configs.finetune_det'
@@ -39,10 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.detection.num_query = 900
   m.detection.num_layers = 6
   m.detection.num_classes = len(common.DETECTION_CLASSES)
-  if preset in ('local', 'tiny'):
+  if preset in ('local', 'tiny', 'test'):
     c.data.max_boxes = 64  # the synthetic world has about 20 per sample
     m.detection.num_query = 100
     m.detection.num_layers = m.num_layers
-  if preset == 'tiny':
+  if preset in ('tiny', 'test'):
     m.detection.num_query = 64
   return c

@@ -10,7 +10,8 @@ over the voxels the cameras see. `init_from` (a pre-training workdir or a .pth) 
 tensor of the same path and shape; the predicter's last layer (2 -> 18 classes) starts fresh.
 
 Presets (`:name`) as in pre-training: base (default), local (laptop-sized, the synthetic world,
-a 50 x 50 BEV with targets pooled 4 x 4), tiny (smaller still, for tests).
+a 50 x 50 BEV with targets pooled 4 x 4), tiny (smaller still, for tests),
+test (tiny for two steps with evaluation: a smoke run).
 """
 
 import ml_collections
@@ -20,7 +21,7 @@ from configs import pretrain
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny'):
+  if preset not in ('base', 'local', 'tiny', 'test'):
     raise ValueError(f'configs/finetune_occ.py: unknown preset {preset!r}')
   c = pretrain.get_config(preset)
   c.config_module = 'configs.finetune_occ'

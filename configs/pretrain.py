@@ -9,6 +9,7 @@ Presets (`:name`):
   local  the same network scaled down to train on a laptop CPU in minutes: small backbone and
          channels, a 50 x 50 BEV (targets max-pooled 4 x 4), the synthetic world's images.
   tiny   like local, smaller still: for tests and smoke runs.
+  test   tiny for two steps with a checkpoint each and the evaluation: a smoke run.
   semantic  base with 18-class Occ3D targets instead of binary occupancy: the BEV covers the
          Occ3D grid ([-40, 40] m, 0.4 m cells), focal loss over camera-visible voxels.
 Any field can be overridden: --config.model.dtype=bfloat16 --config.batch_size=16.
@@ -21,7 +22,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny', 'semantic'):
+  if preset not in ('base', 'local', 'tiny', 'test', 'semantic'):
     raise ValueError(f'configs/pretrain.py: unknown preset {preset!r}')
   c = ml_collections.ConfigDict()
   c.preset = preset
@@ -96,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if preset == 'semantic':
     use_occ3d_grid(c)
-  if preset in ('local', 'tiny'):
+  if preset in ('local', 'tiny', 'test'):
     c.data.name = 'nuscenes_occ/mini'
     c.data.target_pool = 4  # a 50 x 50 BEV of 2 m cells; targets max-pooled to match
     m.bev_h = m.bev_w = 50
@@ -115,12 +116,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.backbone_blocks = (1, 1, 1, 1)
     m.backbone_base_width = 8
     m.dropout = 0.0
-  if preset == 'tiny':
+  if preset in ('tiny', 'test'):
     c.data.queue_length = 2
     c.num_steps = 4
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     m.num_layers = 1
+  if preset == 'test':  # a smoke run: two steps, a checkpoint each, evaluation
+    c.num_steps = 2
+    c.log_every_steps = c.checkpoint_every_steps = 1
   return c
 
 

@@ -200,9 +200,14 @@ def prepare_data(config, data_dir: str | None = None) -> str:
   return tfds_dir
 
 
+SMALL_PRESETS = ('local', 'tiny', 'test')
+
+
 def _apply_local_preset(config) -> None:
   import importlib
 
+  if config.get('preset') in SMALL_PRESETS:
+    return  # already sized for the synthetic world
   module = importlib.import_module(config.get('config_module', 'configs.pretrain'))
   local = module.get_config('local')
   base = module.get_config(config.get('preset', 'base'))
