@@ -115,6 +115,50 @@ def test_bev_pca_recovers_the_principal_patterns():
   assert np.all(np.diff(red) < 0) or np.all(np.diff(red) > 0)
 
 
+def test_bev_pca_of_a_lidar_frame_bev_turns_to_the_ego_axes():
+  bev_h, bev_w = 6, 10  # lidar frame: h along lidar y = forward, w along lidar x = right
+  h, w = np.meshgrid(np.arange(bev_h), np.arange(bev_w), indexing='ij')
+  noise = np.random.default_rng(0).normal(0, 0.01, h.shape)
+  features = np.stack([h * 10.0, w * 1.0, noise], -1).reshape(-1, 3)
+  rgb = vis.bev_pca(features, bev_h, bev_w, frame='lidar')
+  assert rgb.shape == (bev_h, bev_w, 3)  # rows forward (lidar y), columns left-right
+  red = rgb[..., 0]  # the first component follows h = forward: changes down the rows only
+  assert np.ptp(red, 1).max() < 1e-2 and abs(red[0, 0] - red[-1, 0]) > 0.99
+  green = rgb[..., 1]  # lidar x = right: left column (most negative x) at one end
+  assert np.ptp(green, 0).max() < 1e-2 and abs(green[0, 0] - green[0, -1]) > 0.99
+  with pytest.raises(ValueError, match="frame must be 'ego' or 'lidar'"):
+    vis.bev_pca(features, bev_h, bev_w, frame='camera')
+
+
+def test_detections_become_grid_boxes_and_are_drawn_over_the_dimmed_target():
+  from uniscene_jax.data.occupancy_labels import FIXED_ROTATION
+
+  record_box = [5.0, -3.0, 0.2, 2.0, 4.5, 1.6, -0.7 - np.pi / 2, 0.0, 0.0]
+  aux = {
+    'detections': {
+      'boxes': np.array([[record_box, record_box, record_box]]),
+      'scores': np.array([[0.9, 0.2, 0.8]]),
+      'valid': np.array([[True, True, False]]),
+    }
+  }
+  boxes = vis.predicted_boxes(aux, FIXED_ROTATION, 0.3)
+  np.testing.assert_allclose(boxes, vis.boxes_from_record(np.array([record_box]), FIXED_ROTATION))
+  assert vis.predicted_boxes({'sca_overflow': 0}, FIXED_ROTATION, 0.3) is None
+  grid = np.zeros((20, 20, 4), np.uint8)
+  grid[5:15, 5:15, 0] = 1
+  images = [np.full((45, 80, 3), 100, np.uint8)] * 6
+  kwargs = dict(free=0, semantic=False, pc_range=(-10, -10, -2, 10, 10, 2), bev_hw=(4, 4))
+  bev = np.random.default_rng(0).normal(size=(16, 8))
+  with_head = vis.frame_picture(images, grid, grid, bev, **kwargs)
+  detector = vis.frame_picture(images, grid, None, bev, predicted_boxes=boxes, **kwargs)
+  assert detector.shape == with_head.shape
+  top = 28 + 22 + 2 * 180 + 22  # the top views' first row
+  target, dimmed = (detector[top : top + 320, x : x + 320].astype(int) for x in (0, 320))
+  occupied = target.sum(-1) > 3 * 60
+  box = (np.abs(dimmed - vis.PREDICTED_BOX).sum(-1) < 60).sum()
+  assert box > 50 and (dimmed[occupied] < target[occupied]).all(-1).mean() > 0.9
+
+
 def test_oblique_view_occludes_and_shades():
   blue, red = np.uint8([0, 0, 255]), np.uint8([255, 0, 0])
   grid = np.zeros((12, 12, 6), bool)

@@ -12,7 +12,8 @@ Writes one PNG per frame, <out>/<split>_<index>.png (default out: <workdir>/pict
   at the centre), on the model's grid: binary occupancy coloured by the height of the highest
   occupied voxel, Occ3D semantics by the class of the highest non-free voxel (standard palette);
   free and unobserved cells dark. Annotated boxes are outlined on the target, predicted boxes on
-  the prediction when the model returns them (aux['boxes']);
+  the prediction when the model returns them (a detector's aux['detections'] above
+  --score_threshold, or aux['boxes']); a detector's boxes go over the dimmed target;
 - the BEV features of the frame (bev_embed) projected on their first three principal components;
 - target and prediction as oblique 3D voxel views.
 
@@ -138,13 +139,17 @@ def orient(grid_xy: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(grid_xy[::-1, ::-1])
 
 
-def bev_pca(bev: np.ndarray, bev_h: int, bev_w: int) -> np.ndarray:
-  """BEV features [H W, C] (query q = h W + w; h along y, w along x) -> float [W, H, 3] in [0, 1].
+def bev_pca(bev: np.ndarray, bev_h: int, bev_w: int, frame: str = 'ego') -> np.ndarray:
+  """BEV features [H W, C] (query q = h W + w; h along the BEV frame's y, w along its x) ->
+  float [X, Y, 3] in [0, 1], oriented as `top_view` (x forward up, y left to the left).
 
   Each pixel's features projected on the first three principal components (signs fixed so that
   the largest loading is positive), each component scaled to [0, 1] by its 1st and 99th
-  percentiles (clipped), oriented as `top_view`.
+  percentiles (clipped). frame: 'ego' (x forward, y left), or 'lidar' (x right, y forward: the
+  detector's BEV), turned to the ego's axes.
   """
+  if frame not in ('ego', 'lidar'):
+    raise ValueError(f"bev_pca: frame must be 'ego' or 'lidar', got {frame!r}")
   x = np.asarray(bev, np.float64).reshape(bev_h * bev_w, -1)
   if x.shape[1] < 3:
     raise ValueError(f'bev_pca: need at least 3 channels, got {x.shape[1]}')
@@ -155,7 +160,9 @@ def bev_pca(bev: np.ndarray, bev_h: int, bev_w: int) -> np.ndarray:
   proj = x @ top
   lo, hi = np.percentile(proj, 1, 0), np.percentile(proj, 99, 0)
   rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
-  return orient(rgb.reshape(bev_h, bev_w, 3).transpose(1, 0, 2))
+  grid = rgb.reshape(bev_h, bev_w, 3)  # [y, x] of the BEV frame
+  # ego: [x, y] = transpose; lidar: forward = lidar y (rows h), left = -lidar x (w reversed)
+  return orient(grid.transpose(1, 0, 2) if frame == 'ego' else grid[:, ::-1])
 
 
 def oblique_view(
@@ -358,52 +365,64 @@ def _legend(semantic: bool, present, depth: int, pc_range) -> np.ndarray:
 def frame_picture(
   images,
   target: np.ndarray,
-  prediction: np.ndarray,
+  prediction: np.ndarray | None,
   bev: np.ndarray,
   *,
   free: int,
   semantic: bool,
   pc_range,
   bev_hw: tuple[int, int],
+  bev_frame: str = 'ego',
   target_boxes: np.ndarray | None = None,
   predicted_boxes: np.ndarray | None = None,
   header: str = '',
 ) -> np.ndarray:
   """uint8 RGB [H, WIDTH, 3]: header, camera rig, top views and BEV features, legend, 3D views.
 
-  target, prediction: [X, Y, Z] labels on the model's grid over pc_range (free = `free`);
-  bev: [H W, C]; boxes: [K, 7+] in the grid's frame (see draw_boxes).
+  target, prediction: [X, Y, Z] labels on the grid over pc_range (free = `free`); prediction
+  None for a model without occupancy output (a detector): its boxes are then drawn on the target,
+  dimmed. bev: [H W, C] in `bev_frame`; boxes: [K, 7+] in the grid's frame (see draw_boxes).
   """
   size = (np.asarray(pc_range[3:]) - np.asarray(pc_range[:3])) / np.asarray(target.shape)
   occ_t, col_t = voxel_colors(target, free, semantic)
-  occ_p, col_p = voxel_colors(prediction, free, semantic)
-  tops = []
-  for occ, col, boxes, color in (
-    (occ_t, col_t, target_boxes, TARGET_BOX),
-    (occ_p, col_p, predicted_boxes, PREDICTED_BOX),
-  ):
-    pic = _resize(top_view(occ, col), PANEL)
-    if boxes is not None:
-      pic = draw_boxes(pic, boxes, pc_range, color)
-    tops.append(_ego_marker(pic))
-  pca = _resize((bev_pca(bev, *bev_hw) * 255).astype(np.uint8), PANEL)
+  top_t = _resize(top_view(occ_t, col_t), PANEL)
+  if prediction is None:
+    occ_p = np.zeros_like(occ_t)
+    top_p = (top_t * 0.45).astype(np.uint8)
+    if target_boxes is not None:
+      top_p = draw_boxes(top_p, target_boxes, pc_range, (120, 120, 120))
+    title_p, title_3d = 'predicted boxes (over the target, dimmed)', 'no occupancy prediction'
+  else:
+    occ_p, col_p = voxel_colors(prediction, free, semantic)
+    top_p = _resize(top_view(occ_p, col_p), PANEL)
+    title_p = f'predicted {"semantic" if semantic else "occupancy"}'
+    title_3d = 'prediction in 3D'
+  if target_boxes is not None:
+    top_t = draw_boxes(top_t, target_boxes, pc_range, TARGET_BOX)
+  if predicted_boxes is not None:
+    top_p = draw_boxes(top_p, predicted_boxes, pc_range, PREDICTED_BOX)
+  pca = _resize((bev_pca(bev, *bev_hw, bev_frame) * 255).astype(np.uint8), PANEL)
   n = 'semantic' if semantic else 'occupancy'
   row2 = np.concatenate(
     [
-      _titled(tops[0], f'target {n} ({target.shape[0]}x{target.shape[1]}), from above'),
-      _titled(tops[1], f'predicted {n}'),
+      _titled(_ego_marker(top_t), f'target {n} ({target.shape[0]}x{target.shape[1]}), from above'),
+      _titled(_ego_marker(top_p), title_p),
       _titled(pca, 'BEV features, 3 principal components'),
     ],
     1,
   )
+  fit = occ_t | occ_p
+  right = oblique_view(occ_p, col_p, size, fit=fit) if prediction is not None else None
+  if right is None:
+    right = np.empty((*VIEW_3D, 3), np.uint8)
+    right[:] = BACKGROUND
   row3 = np.concatenate(
-    [
-      _titled(oblique_view(occ_t, col_t, size, fit=occ_t | occ_p), 'target in 3D'),
-      _titled(oblique_view(occ_p, col_p, size, fit=occ_t | occ_p), 'prediction in 3D'),
-    ],
+    [_titled(oblique_view(occ_t, col_t, size, fit=fit), 'target in 3D'), _titled(right, title_3d)],
     1,
   )
-  present = set(np.unique(target[occ_t])) | set(np.unique(prediction[occ_p])) if semantic else ()
+  present = set(np.unique(target[occ_t])) if semantic else set()
+  if semantic and prediction is not None:
+    present |= set(np.unique(prediction[occ_p]))
   head = np.empty((HEADER, WIDTH, 3), np.uint8)
   head[:] = BACKGROUND
   _label(head, header, (6, 19), 0.5)
@@ -489,6 +508,7 @@ def visualize(
   start: int = 0,
   every: int = 1,
   step: int | None = None,
+  score_threshold: float = 0.3,
 ) -> list[str]:
   """Writes the pictures of `num_samples` frames of `split`; returns their paths."""
   from uniscene_jax import evaluate, targets
@@ -512,29 +532,38 @@ def visualize(
   enc = model.config.head.encoder
   pc_range = tuple(config.model.pc_range)
   # the label grids' frames relative to the lidar: UniScene's fixed rotation, Occ3D's ego frame
+  lidar2grid = (lambda r: r['lidar2ego']) if semantic else (lambda r: FIXED_ROTATION)
   os.makedirs(out, exist_ok=True)
   paths = []
   for p in evaluate.predict_frames(config, model, variables, source, first, wanted[-1] + 1):
     if p.index not in wanted:
       continue
-    mask = p.frame.get('occ_mask_camera')
-    target, mask = targets.model_targets(
-      p.frame['occ_target'], mask, config.data.target_pool, config.data.target
-    )
-    target = np.asarray(target[0])
-    prediction = np.asarray(np.argmax(p.logits[0], -1)).astype(target.dtype)
+    record = p.record
+    if 'occ_target' in p.frame:  # an occupancy model: its target, pooled to its grid
+      target, mask = targets.model_targets(
+        p.frame['occ_target'], p.frame.get('occ_mask_camera'), config.data.target_pool,
+        config.data.target,
+      )  # fmt: skip
+      target = np.asarray(target[0])
+    else:  # a detector: the frame's binary occupancy as the scene
+      target, mask = record['occ_binary'], None
+    prediction = None
+    if p.logits is not None:
+      prediction = np.asarray(np.argmax(p.logits[0], -1)).astype(target.dtype)
     if mask is not None:  # Occ3D: only camera-visible voxels count
       visible = np.asarray(mask[0]).astype(bool)
-      target, prediction = np.where(visible, target, free), np.where(visible, prediction, free)
-    record = p.record
-    lidar2grid = record['lidar2ego'] if semantic else FIXED_ROTATION
-    gt = boxes_from_record(record['gt_boxes'][record['gt_valid']], lidar2grid)
-    boxes = p.aux.get('boxes')
-    boxes = None if boxes is None else np.asarray(boxes[0])
+      target = np.where(visible, target, free)
+      prediction = np.where(visible, prediction, free)
+    gt = boxes_from_record(record['gt_boxes'][record['gt_valid']], lidar2grid(record))
+    boxes = predicted_boxes(p.aux, lidar2grid(record), score_threshold)
+    if prediction is not None:
+      score = _score(target, prediction, free, semantic)
+    else:
+      score = f'{0 if boxes is None else len(boxes)} boxes scored above {score_threshold:g}'
     header = (
       f'{split} frame {p.index} (scene {int(record["scene_index"])}, frame '
       f'{int(record["frame_index"])}{", with history" if p.continues else ""}) - '
-      f'{source_name} - {_score(target, prediction, free, semantic)}'
+      f'{source_name} - {score}'
     )
     picture = frame_picture(
       record['images'],
@@ -545,6 +574,7 @@ def visualize(
       semantic=semantic,
       pc_range=pc_range,
       bev_hw=(enc.bev_h, enc.bev_w),
+      bev_frame=enc.bev_frame,
       target_boxes=gt,
       predicted_boxes=boxes,
       header=header,
@@ -554,6 +584,22 @@ def visualize(
     paths.append(path)
     print(path, flush=True)
   return paths
+
+
+def predicted_boxes(aux: dict, lidar2grid: np.ndarray, score_threshold: float) -> np.ndarray | None:
+  """[K, 7] boxes in the grid's frame from a frame's aux, or None when the model has none.
+
+  aux['detections']: the detector's decoded boxes ([1, K, 9] lidar frame, the records'
+  convention; 'scores', 'valid'), kept when valid and scored above `score_threshold`;
+  aux['boxes']: [1, K, 7+] already in the grid's frame (see draw_boxes).
+  """
+  if 'detections' in aux:
+    d = {k: np.asarray(v[0]) for k, v in aux['detections'].items()}
+    keep = d['valid'] & (d['scores'] > score_threshold)
+    return boxes_from_record(d['boxes'][keep], lidar2grid)
+  if 'boxes' in aux:
+    return np.asarray(aux['boxes'][0])
+  return None
 
 
 def _score(target: np.ndarray, prediction: np.ndarray, free: int, semantic: bool) -> str:
@@ -589,6 +635,7 @@ def main(argv) -> None:
     start=f.start,
     every=f.every,
     step=f.step,
+    score_threshold=f.score_threshold,
   )
 
 
@@ -607,6 +654,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('start', 0, 'first frame pictured (index in the split)')
   flags.DEFINE_integer('every', 1, 'picture every N-th frame from --start')
   flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
+  flags.DEFINE_float('score_threshold', 0.3, 'a detector: boxes drawn above this score')
   flags.DEFINE_string('out', None, 'output directory (default: <workdir>/pictures)')
 
 
