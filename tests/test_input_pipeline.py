@@ -116,3 +116,23 @@ def test_worker_processes_and_no_tensorflow(config):
     '  assert "tensorflow" not in sys.modules, "the input pipeline imported TensorFlow"\n'
   )
   subprocess.run([sys.executable, '-c', code], check=True, timeout=300, cwd=os.getcwd())
+
+
+def test_decode_queue_pads_and_names_a_bad_image():
+  def jpeg(h, w, value):
+    ok, buf = cv2.imencode('.png', np.full((h, w, 3), value, np.uint8))  # lossless, same decoder
+    assert ok
+    return buf.tobytes()
+
+  frames = [[jpeg(40, 70, 10 * (t + n)) for n in range(2)] for t in range(3)]
+  out = ip.decode_queue(frames, 32)
+  assert out.shape == (3, 2, 64, 96, 3) and out.dtype == np.uint8
+  assert (
+    (out[2, 1, :40, :70] == 30).all() and not out[:, :, 40:].any() and not out[..., 70:, :].any()
+  )
+  frames[1][1] = jpeg(41, 70, 0)
+  with pytest.raises(ValueError, match=r'frame 1 camera 1: \(41, 70, 3\)'):
+    ip.decode_queue(frames)
+  frames[1][1] = b'not an image'
+  with pytest.raises(ValueError, match='frame 1 camera 1: undecodable JPEG'):
+    ip.decode_queue(frames)

@@ -29,11 +29,45 @@ class BgrJpeg(tfds.decode.SkipDecoding):
     return [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in serialized]
 
 
-def open_source(data_dir: str, name: str, split: str):
-  """The split's records by index; images as lists of BGR arrays."""
+class JpegBytes(tfds.decode.SkipDecoding):
+  """Keeps a sequence of JPEG features as their bytes (decoded later, where they are needed)."""
+
+  def decode_batch_example_np(self, serialized):
+    return list(serialized)
+
+
+def open_source(data_dir: str, name: str, split: str, decode_images: bool = True):
+  """The split's records by index; images as lists of BGR arrays (or of JPEG bytes)."""
   return tfds.data_source(
-    name, data_dir=data_dir, split=split, download=False, decoders={'images': BgrJpeg()}
+    name,
+    data_dir=data_dir,
+    split=split,
+    download=False,
+    decoders={'images': BgrJpeg() if decode_images else JpegBytes()},
   )
+
+
+def decode_queue(jpegs: list, divisor: int = 32) -> np.ndarray:
+  """T frames of N JPEGs -> [T, N, H_pad, W_pad, 3] uint8 BGR, zero-padded bottom/right.
+
+  Each image is decoded once and copied once, into its place in the sample's array.
+  """
+  first = cv2.imdecode(np.frombuffer(jpegs[0][0], np.uint8), cv2.IMREAD_COLOR)
+  h, w = first.shape[:2]
+  hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
+  out = np.zeros((len(jpegs), len(jpegs[0]), hp, wp, 3), np.uint8)
+  for t, frame in enumerate(jpegs):  # T x N = 24 images
+    for n, blob in enumerate(frame):
+      image = (
+        first if t == n == 0 else cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+      )
+      if image is None or image.shape != first.shape:
+        raise ValueError(
+          f'frame {t} camera {n}: {"undecodable JPEG" if image is None else image.shape}, '
+          f'frame 0 camera 0 has {first.shape}'
+        )
+      out[t, n, :h, :w] = image
+  return out
 
 
 def queue_indices(index: int, rng: np.random.Generator, queue_length: int = 4) -> list[int]:
@@ -129,14 +163,14 @@ class TemporalQueue(grain.transforms.RandomMap):
   def random_map(self, index, rng: np.random.Generator) -> dict:
     cfg = self.config
     if self._source is None:
-      self._source = open_source(cfg.data_dir, cfg.name, cfg.split)
+      self._source = open_source(cfg.data_dir, cfg.name, cfg.split, decode_images=False)
     frames = [self._source[i] for i in queue_indices(int(index), rng, cfg.queue_length)]
     current = frames[-1]
     can_bus, exists = queue_deltas(
       np.stack([f['can_bus'] for f in frames]), [f['scene_token'] for f in frames]
     )
     sample = {
-      'img': np.stack([pad_images(f['images'], cfg.image_pad_divisor) for f in frames]),
+      'img': decode_queue([f['images'] for f in frames], cfg.image_pad_divisor),
       'lidar2img': np.stack([f['lidar2img'] for f in frames]).astype(np.float32),
       'ego2lidar': np.stack([f['ego2lidar'] for f in frames]).astype(np.float32),
       'can_bus': can_bus.astype(np.float32),
