@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.init_from = ''  # a workdir or a PyTorch .pth (FCOS3D, BEVFormer, UniScene)
   c.init_fresh = ()  # parameter paths containing any of these stay as initialised (new layers)
-  c.eval_at_end = True  # occupancy IoU on the val split after training
+  c.eval_at_end = True  # the val split's metrics after training
+  c.eval_every_steps = 0  # > 0: also every so many steps (a checkpoint is saved there)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = 'data/tfds'

@@ -146,6 +146,7 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
     cfg.eval_at_end = evaluate
+    cfg.eval_every_steps = 3 if evaluate else 0
     return train.train_and_evaluate(cfg, str(workdir), str(tfds_dir))
 
   full = run(tmp_path / 'full', 4, evaluate=True)
@@ -166,4 +167,10 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
   assert result['frames'] == 9 and 0 <= result['iou_occupied'] <= 1
   assert 0 < result['all_free_miou'] < 50 and 'mIoU' in result['table']
   assert list((tmp_path / 'full' / 'tensorboard').glob('events.out.tfevents.*'))
+  # ... and at step 3 on the way (eval_every_steps), from a checkpoint saved for it.
+  mid = json.loads((tmp_path / 'full' / 'eval_val_step3.json').read_text())
+  assert mid['step'] == 3 and mid['frames'] == 9
+  from uniscene_jax.checkpoint import Checkpoints
+
+  assert 3 in Checkpoints(str(tmp_path / 'full')).all_steps()  # not on checkpoint_every_steps
   assert not (tmp_path / 'cut' / 'eval_val_step4.json').exists()

@@ -377,8 +377,14 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       )
       bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+    every = config.get('eval_every_steps', 0)
+    periodic = every and step % every == 0 and step < total_steps
+    if periodic or step % config.checkpoint_every_steps == 0 or step == total_steps:
       ckpt.save(step, state, data_iter.get_state(), force=True)
+    if periodic:
+      ckpt.wait()
+      if main_process:
+        _evaluate(config, workdir, data_dir, step, writer)
   bar.close()
   if pending is not None:
     history.append(_check(*pending))
@@ -386,14 +392,21 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
   writer.flush()
   write_json(os.path.join(workdir, 'metrics.json'), history)
   if config.eval_at_end and main_process:
-    from uniscene_jax import evaluate
-
-    result = evaluate.evaluate(config, workdir, data_dir)
-    writer.scalars(step, {f'eval/{k}': v for k, v in result.items() if _is_number(v)})
-    if 'picture' in result:
-      writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
+    _evaluate(config, workdir, data_dir, step, writer)
   writer.close()
   return Run(state=state, step=step, metrics=history)
+
+
+def _evaluate(config, workdir, data_dir, step, writer) -> dict:
+  """The val split at checkpoint `step`, logged to TensorBoard (scalars and the picture)."""
+  from uniscene_jax import evaluate
+
+  result = evaluate.evaluate(config, workdir, data_dir, step)
+  writer.scalars(step, {f'eval/{k}': v for k, v in result.items() if _is_number(v)})
+  if 'picture' in result:
+    writer.image(step, 'eval/top_view_target_vs_prediction', result['picture'])
+  writer.flush()
+  return result
 
 
 def _model_fields(config) -> dict:
