@@ -170,7 +170,8 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
     confusion, pred, target = update(confusion, p.logits, p.frame)
   result = summarize(np.asarray(confusion), classes)
   result.update(step=step, split=split, frames=len(source))
-  print(f'{split} ({len(source)} frames, step {step}): {result["table"]}', flush=True)
+  sep = '\n' if '\n' in result['table'] else ' '
+  print(f'{split} ({len(source)} frames, step {step}):{sep}{result["table"]}', flush=True)
   write_json(os.path.join(workdir, f'eval_{split}_step{step}.json'), result)
   free = 0 if classes != metrics.NUM_CLASSES else metrics.NUM_CLASSES - 1
   gap = np.full((np.asarray(pred).shape[1], 4, 3), 255, np.uint8)

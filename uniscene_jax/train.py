@@ -455,6 +455,8 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
   is printed.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
+  if not os.path.exists(source):
+    raise ValueError(f'config.init_from={source!r}: no such .pth file or workdir')
   if source.endswith('.pth'):
     from uniscene_jax.convert import from_torch
 
