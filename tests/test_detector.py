@@ -12,7 +12,7 @@ import torch
 
 from configs import pretrain
 from tests.reference.detector_torch import UniSceneDetTorch
-from tests.test_uniscene import _queue
+from tests.test_uniscene import _queue, twin_forward
 from uniscene_jax import models, optim
 from uniscene_jax.checkpoint import Checkpoints
 from uniscene_jax.convert import from_torch, key_map, to_torch
@@ -78,17 +78,6 @@ def make_det_twin(mc: DetectorConfig, state_dict) -> UniSceneDetTorch:
   return twin.eval()
 
 
-def _twin_forward(twin, img, lidar2img, ego2lidar, can, exists):
-  with torch.no_grad():
-    return twin(
-      torch.from_numpy(img).permute(0, 1, 2, 5, 3, 4),
-      torch.from_numpy(lidar2img),
-      torch.from_numpy(ego2lidar),
-      can.astype(np.float64),
-      list(exists[0]),
-    )
-
-
 def _close(got, want):
   want = np.asarray(want)
   np.testing.assert_allclose(got, want, atol=ATOL * float(np.abs(want).max()), rtol=RTOL)
@@ -127,7 +116,7 @@ def test_detector_matches_the_twin(small):
   out, aux = apply(variables, img, lidar2img, ego2lidar, can, exists)
   assert out['cls'].shape == (6, 1, 24, 10) and out['box'].shape == (6, 1, 24, 10)
   state_dict = to_torch.state_dict_from_variables(variables, 'det')
-  cls, box, bev = _twin_forward(
+  cls, box, bev = twin_forward(
     make_det_twin(mc, state_dict), img, lidar2img, ego2lidar, can, exists
   )
   _close(aux['bev_embed'], bev.numpy())

@@ -52,17 +52,8 @@ class UniSceneDet(UniSceneOcc):
         lidar frame) for every decoder layer L, float32.
       aux: 'bev_embed' [B, HW, C] of the current frame, 'sca_overflow' [B].
     """
-    prev = self.history(img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
-    bev, aux = self.frame(
-      img[:, -1],
-      lidar2img[:, -1],
-      ego2lidar[:, -1],
-      can_bus[:, -1],
-      prev,
-      prev_bev_exists[:, -1],
-      train,
-    )
-    return self.detect(bev, train), {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
+    bev, aux = self.queue_bev(img, lidar2img, ego2lidar, can_bus, prev_bev_exists, train)
+    return self.detect(bev, train), aux
 
 
 def detector_config(config) -> DetectorConfig:

@@ -68,6 +68,12 @@ class UniSceneOcc(nn.Module):
         deltas; prev_bev_exists: [B, T] bool.
     aux: 'bev_embed' [B, HW, C] of the current frame, 'sca_overflow' [B].
     """
+    bev, aux = self.queue_bev(img, lidar2img, ego2lidar, can_bus, prev_bev_exists, train)
+    return self.occupancy(bev, train), aux
+
+  def queue_bev(self, img, lidar2img, ego2lidar, can_bus, prev_bev_exists, train=False):
+    """The queue's last frame -> (bev [B, HW, C], aux {'bev_embed', 'sca_overflow'}), with the
+    BEV its history passes on (arguments as __call__)."""
     prev = self.history(img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
     bev, aux = self.frame(
       img[:, -1],
@@ -78,8 +84,7 @@ class UniSceneOcc(nn.Module):
       prev_bev_exists[:, -1],
       train,
     )
-    logits = self.occupancy(bev, train)
-    return logits, {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
+    return bev, {'bev_embed': bev, 'sca_overflow': aux['sca_overflow']}
 
   def history(self, img, lidar2img, ego2lidar, can_bus, prev_bev_exists):
     """The BEV [B, HW, C] float32 that the queue's first T - 1 frames pass to the last one (zeros
