@@ -69,3 +69,14 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r'another model config.*model.embed_dims: checkpoint 32'):
     train.check_workdir_config(str(tmp_path), other, resuming=True)
   assert (tmp_path / 'config.json').read_text() == before  # nothing overwritten
+
+
+def test_semantic_preset_falls_back_to_a_semantic_local_run(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(train.CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setattr(train, '_build_synthetic', lambda cache, out: None)
+  cfg = pretrain.get_config('semantic')
+  train.prepare_data(cfg, str(tmp_path / 'nothing'))
+  assert cfg.data.target == 'occ3d' and cfg.model.num_classes == 18 and cfg.loss.use_camera_mask
+  assert cfg.model.bev_h == 50 and cfg.data.target_pool == 4 and cfg.model.embed_dims == 32
+  assert cfg.model.pc_range == pretrain.get_config('semantic').model.pc_range
+  assert cfg.data.nuscenes_root == str(tmp_path / 'cache' / 'synthetic_world' / 'nuscenes')

@@ -119,6 +119,7 @@ def test_fine_tune_from_a_pretraining_workdir_and_evaluate_miou(tfds_dir, tmp_pa
   run = train.train_and_evaluate(cfg, str(tmp_path / 'ft'), str(tfds_dir))
   out = capsys.readouterr().out
   assert 'kept as initialised: pts_bbox_head/transformer/predicter_2/kernel' in out
+  assert 'params: 114 loaded, 2 kept as initialised, 0 in the checkpoint skipped' in out
   assert all(np.isfinite(m['loss_occ']) for m in run.metrics)
   # Loaded: a backbone tensor that the fine-tuning steps cannot have moved (frozen stem).
   stem = ('img_backbone', 'conv1', 'kernel')

@@ -211,6 +211,10 @@ def _apply_local_preset(config) -> None:
   module = importlib.import_module(config.get('config_module', 'configs.pretrain'))
   local = module.get_config('local')
   base = module.get_config(config.get('preset', 'base'))
+  if base.data.target == 'occ3d' and local.data.target != 'occ3d':
+    from configs import pretrain
+
+    pretrain.use_occ3d_grid(local)  # :semantic stays semantic, at the local size
   changed = []
   with config.unlocked():
     for key, value in flax.traverse_util.flatten_dict(local.to_dict(), sep='.').items():
@@ -492,12 +496,15 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
           f'start it fresh)'
         )
       flat[k] = jnp.asarray(src, v.dtype)
+    unused = sorted(set(flat_src) - set(flat))
     print(
-      f'init_from {source} (step {step}) {name}: '
-      f'{len(flat) - len(kept)} loaded, {len(kept)} kept as initialised'
+      f'init_from {source} (step {step}) {name}: {len(flat) - len(kept)} loaded, '
+      f'{len(kept)} kept as initialised, {len(unused)} in the checkpoint skipped'
     )
     for k in kept:
       print(f'  kept as initialised: {k}')
+    for k in unused:
+      print(f'  skipped {k}: no such tensor in this model')
     out.append(flax.traverse_util.unflatten_dict(flat, sep='/'))
   return tuple(out)
 
