@@ -22,9 +22,7 @@ from configs import common, pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny', 'test'):
-    raise ValueError(f'configs/finetune_det.py: unknown preset {preset!r}')
+  preset, _ = pretrain.parse_preset(arg, (), 'configs/finetune_det.py')
   c = pretrain.get_config(preset)
   c.config_module = 'configs.finetune_det'
   c.data.target = 'boxes'
@@ -40,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.detection.num_query = 900
   m.detection.num_layers = 6
   m.detection.num_classes = len(common.DETECTION_CLASSES)
-  if preset in ('local', 'tiny', 'test'):
+  if preset in pretrain.SMALL_SIZES:
     c.data.max_boxes = 64  # the synthetic world has about 20 per sample
     m.detection.num_query = 100
     m.detection.num_layers = m.num_layers

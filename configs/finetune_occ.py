@@ -20,9 +20,7 @@ from configs import pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny', 'test'):
-    raise ValueError(f'configs/finetune_occ.py: unknown preset {preset!r}')
+  preset, _ = pretrain.parse_preset(arg, (), 'configs/finetune_occ.py')
   c = pretrain.get_config(preset)
   c.config_module = 'configs.finetune_occ'
   pretrain.use_occ3d_grid(c)

@@ -10,8 +10,9 @@ Presets (`:name`):
          channels, a 50 x 50 BEV (targets max-pooled 4 x 4), the synthetic world's images.
   tiny   like local, smaller still: for tests and smoke runs.
   test   tiny for two steps with a checkpoint each and the evaluation: a smoke run.
-  semantic  base with 18-class Occ3D targets instead of binary occupancy: the BEV covers the
-         Occ3D grid ([-40, 40] m, 0.4 m cells), focal loss over camera-visible voxels.
+  semantic  18-class Occ3D targets instead of binary occupancy: the BEV covers the Occ3D grid
+         ([-40, 40] m, 0.4 m cells), focal loss over camera-visible voxels. Combines with a
+         size: `:local,semantic`.
 Any field can be overridden: --config.model.dtype=bfloat16 --config.batch_size=16.
 """
 
@@ -19,13 +20,23 @@ import ml_collections
 
 from configs import common
 
+SIZES = ('base', 'local', 'tiny', 'test')  # all but base fit the synthetic world
+SMALL_SIZES = SIZES[1:]
+
+
+def parse_preset(arg: str | None, flags: tuple[str, ...], name: str) -> tuple[str, tuple[str, ...]]:
+  """'local,semantic' -> ('local', ('semantic',)): at most one size, then any of `flags`."""
+  parts = [p for p in (arg or 'base').split(',') if p]
+  sizes = [p for p in parts if p in SIZES]
+  if len(sizes) > 1 or any(p not in SIZES + flags for p in parts):
+    raise ValueError(f'{name}: unknown preset {arg!r}; a size of {SIZES} and any of {flags}')
+  return (sizes[0] if sizes else 'base'), tuple(p for p in parts if p not in SIZES)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or 'base'
-  if preset not in ('base', 'local', 'tiny', 'test', 'semantic'):
-    raise ValueError(f'configs/pretrain.py: unknown preset {preset!r}')
+  preset, flags = parse_preset(arg, ('semantic',), 'configs/pretrain.py')
   c = ml_collections.ConfigDict()
-  c.preset = preset
+  c.preset = arg or 'base'
   c.config_module = 'configs.pretrain'  # whose presets the embedded-default fallback applies
   c.seed = 0
   c.batch_size = 8  # global, over all devices of all processes
@@ -96,9 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat_backbone = False
   m.fpn_relu_before_first_extra_conv = False  # the reference's P6 has no ReLU (model_spec 5)
 
-  if preset == 'semantic':
+  if 'semantic' in flags:
     use_occ3d_grid(c)
-  if preset in ('local', 'tiny', 'test'):
+  if preset in SMALL_SIZES:
     c.data.name = 'nuscenes_occ/mini'
     c.data.target_pool = 4  # a 50 x 50 BEV of 2 m cells; targets max-pooled to match
     m.bev_h = m.bev_w = 50

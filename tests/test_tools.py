@@ -242,19 +242,24 @@ def test_annotated_boxes_land_on_voxels_of_their_class(tfds_dir):
 # ----------------------------------------------------------------------------------------------
 
 
+def _manifest_rows(path) -> dict:
+  """{module: [parameters, trainable]} of a reference key manifest."""
+  rows = {}
+  for key, v in json.loads(path.read_text()).items():
+    if v['kind'] == 'parameter':
+      row = rows.setdefault(flops.module_of(key), [0, 0])
+      row[0] += math.prod(v['shape'])
+      row[1] += math.prod(v['shape']) * v['requires_grad']
+  return rows
+
+
 def test_parameter_report_equals_the_manifest_per_module():
   from tests.test_uniscene import MANIFEST
 
   rows = flops.parameter_rows(flops.abstract_variables(pretrain.get_config())['params'])
   assert sum(r['params'] for r in rows.values()) == 62_897_984
   assert sum(r['trainable'] for r in rows.values()) == 62_570_240
-  manifest = json.loads(pathlib.Path(MANIFEST).read_text())
-  want = {}
-  for key, v in manifest.items():
-    if v['kind'] == 'parameter':
-      row = want.setdefault(flops.module_of(key), [0, 0])
-      row[0] += math.prod(v['shape'])
-      row[1] += math.prod(v['shape']) * v['requires_grad']
+  want = _manifest_rows(pathlib.Path(MANIFEST))
   assert {k: [r['params'], r['trainable']] for k, r in rows.items()} == want
   assert len(want) == 14 and want['img_neck'] == [3_278_592, 3_278_592]
   table = flops.format_parameters(rows)
@@ -262,17 +267,11 @@ def test_parameter_report_equals_the_manifest_per_module():
 
 
 def test_detector_parameter_report_equals_the_bevformer_base_manifest():
-  finetune_det = pytest.importorskip('configs.finetune_det')
+  from configs import finetune_det
   from tests.test_uniscene import MANIFEST
 
   rows = flops.parameter_rows(flops.abstract_variables(finetune_det.get_config())['params'])
-  manifest = json.loads(pathlib.Path(MANIFEST).with_name('bevformer_base_keys.json').read_text())
-  want = {}
-  for key, v in manifest.items():
-    if v['kind'] == 'parameter':
-      row = want.setdefault(flops.module_of(key), [0, 0])
-      row[0] += math.prod(v['shape'])
-      row[1] += math.prod(v['shape']) * v['requires_grad']
+  want = _manifest_rows(pathlib.Path(MANIFEST).with_name('bevformer_base_keys.json'))
   assert sum(r['params'] for r in rows.values()) == 69_034_947
   assert {k: [r['params'], r['trainable']] for k, r in rows.items()} == want
 

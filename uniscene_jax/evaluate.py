@@ -207,8 +207,7 @@ def evaluate_detection(config, model, variables, source, workdir: str, step: int
   detections = []
   for p in predict_frames(config, model, variables, source):
     decoded = {k: np.asarray(v[0]) for k, v in p.aux['detections'].items()}
-    token = p.record['sample_token']
-    token = token.decode() if isinstance(token, bytes) else str(token)
+    token = p.record['sample_token'].decode()  # Text features read back as bytes
     detections.append((token, decoded, p.record['lidar2ego'], p.record['ego2global']))
   results = nusc_eval.results_of_split(detections, nusc_eval.class_ranges())
   out_dir = os.path.join(workdir, f'eval_{split}_step{step}')

@@ -200,21 +200,19 @@ def prepare_data(config, data_dir: str | None = None) -> str:
   return tfds_dir
 
 
-SMALL_PRESETS = ('local', 'tiny', 'test')
-
-
 def _apply_local_preset(config) -> None:
+  """The config's preset at the `local` size (its other parts, e.g. `semantic`, kept)."""
   import importlib
 
-  if config.get('preset') in SMALL_PRESETS:
-    return  # already sized for the synthetic world
-  module = importlib.import_module(config.get('config_module', 'configs.pretrain'))
-  local = module.get_config('local')
-  base = module.get_config(config.get('preset', 'base'))
-  if base.data.target == 'occ3d' and local.data.target != 'occ3d':
-    from configs import pretrain
+  from configs import pretrain
 
-    pretrain.use_occ3d_grid(local)  # :semantic stays semantic, at the local size
+  preset = config.get('preset', 'base')
+  parts = preset.split(',')
+  if any(p in pretrain.SMALL_SIZES for p in parts):
+    return  # already sized for the synthetic world
+  local_preset = ','.join(['local'] + [p for p in parts if p != 'base'])
+  module = importlib.import_module(config.get('config_module', 'configs.pretrain'))
+  local, base = module.get_config(local_preset), module.get_config(preset)
   changed = []
   with config.unlocked():
     for key, value in flax.traverse_util.flatten_dict(local.to_dict(), sep='.').items():
@@ -224,9 +222,9 @@ def _apply_local_preset(config) -> None:
       if old != value and _get(config, key) == old:  # keep what the user set explicitly
         _set(config, key, value)
         changed.append(f'{key}={value!r}')
-    config.preset = 'local'
+    config.preset = local_preset
   if changed:
-    print('Applied the :local preset: ' + ', '.join(changed), flush=True)
+    print(f'Applied the :{local_preset} preset: ' + ', '.join(changed), flush=True)
 
 
 def _get(config, dotted):
@@ -355,6 +353,7 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
   )
   history, pending = [], None
   t0, t0_step = time.time(), step
+  eval_every = config.get('eval_every_steps', 0)
   while step < total_steps:
     batch = sharding.device_batch(next(data_iter), mesh)
     state, metrics = step_fn(state, batch)
@@ -381,8 +380,7 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
       )
       bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)
-    every = config.get('eval_every_steps', 0)
-    periodic = every and step % every == 0 and step < total_steps
+    periodic = eval_every and step % eval_every == 0 and step < total_steps
     if periodic or step % config.checkpoint_every_steps == 0 or step == total_steps:
       ckpt.save(step, state, data_iter.get_state(), force=True)
     if periodic:
