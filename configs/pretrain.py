@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.bev_frame = 'ego'
   m.inplace_shift = True  # the pre-training code's in-place ref_2d shift (model_spec 7.1)
   m.rotate_prev_bev = True
-  m.sca_capacity = 0  # visible queries per camera in SCA; 0 = all, masked
+  m.sca_capacity = 12800  # visible queries per camera in SCA (checked); 0 = all, masked
   m.remat_encoder = False
   m.pillar_h = 16
   m.occ_out_dim = 32

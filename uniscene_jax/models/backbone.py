@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from uniscene_jax.models.remat import checkpointed_call, recompute
 from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), mmdet's ResNet conv init.
@@ -46,38 +47,17 @@ class FrozenBatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def deform_conv_recomputed(x, offset, mask, kernel, stride, padding, dilation):
   """`modulated_deform_conv2d` whose backward recomputes its samples instead of keeping them.
 
   Plain autodiff keeps every tap's four gathered corner maps and their products for the backward
   (about 2.9 GB per R101 layer3 block at 6 x 928 x 1600 in float32, 70 GB for the 26 blocks).
-  Here only the inputs are kept, and the backward reruns the forward and its VJP. Values and
-  gradients are those of autodiff.
+  Here only the inputs are kept (models.remat.recompute). Values and gradients are autodiff's.
   """
-  return modulated_deform_conv2d(x, offset, mask, kernel, stride, padding, dilation)
-
-
-def _deform_conv_fwd(x, offset, mask, kernel, stride, padding, dilation):
-  out = modulated_deform_conv2d(x, offset, mask, kernel, stride, padding, dilation)
-  return out, (x, offset, mask, kernel)
-
-
-def _deform_conv_bwd(stride, padding, dilation, inputs, g):
-  # XLA:CPU removes optimisation barriers before common-subexpression elimination, which then
-  # merges a plain recomputation back into the forward (as with jax.checkpoint, whose saving is
-  # lost there). Adding a zero computed from the output gradient makes the recomputation a
-  # distinct computation that cannot start before that gradient exists. (A non-finite gradient
-  # element makes the gradients non-finite either way.)
-  zero = (g.reshape(-1)[0] * 0).astype(inputs[0].dtype)
-  inputs = (inputs[0] + zero, *inputs[1:])
-  _, vjp = jax.vjp(lambda *a: modulated_deform_conv2d(*a, stride, padding, dilation), *inputs)
-  # All four gradients leave together, so that the kernel gradient (needed only by the optimiser)
-  # is not deferred to the end of the step with this block's samples kept alive until then.
-  return jax.lax.optimization_barrier(vjp(g))
-
-
-deform_conv_recomputed.defvjp(_deform_conv_fwd, _deform_conv_bwd)
+  conv = functools.partial(
+    modulated_deform_conv2d, stride=stride, padding=padding, dilation=dilation
+  )
+  return recompute(conv)(x, offset, mask, kernel)
 
 
 class ModulatedDeformConv(nn.Module):
@@ -165,7 +145,7 @@ class ResNetConfig:
     frozen_stages: the stem and stages 1..frozen_stages get no gradient; -1 = none frozen.
     out_indices: 0-based stages whose outputs are returned; (1, 2, 3) = C3, C4, C5.
     zero_init_residual: bn3 scale starts at 0 (mmdet's default; irrelevant once weights load).
-    remat: rematerialise each block in the backward pass (saves activation memory).
+    remat: recompute each trainable block in the backward pass (saves activation memory).
   """
 
   stage_blocks: tuple[int, ...] = RESNET_STAGE_BLOCKS[101]
@@ -227,12 +207,11 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if cfg.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
-    block_cls = nn.remat(Bottleneck) if cfg.remat else Bottleneck
     outs = []
     for s, blocks in enumerate(cfg.stage_blocks):
       planes = cfg.base_width * 2**s
       for i in range(blocks):
-        x = block_cls(
+        block = Bottleneck(
           planes,
           stride=cfg.stage_strides[s] if i == 0 else 1,
           downsample=i == 0,
@@ -240,7 +219,10 @@ class ResNet(nn.Module):
           zero_init_residual=cfg.zero_init_residual,
           dtype=self.dtype,
           name=f'layer{s + 1}_{i}',
-        )(x)
+        )
+        # Frozen stages run no backward, so there is nothing to recompute there.
+        recompute = cfg.remat and s >= cfg.frozen_stages
+        x = checkpointed_call(self, block, x) if recompute else block(x)
       if s + 1 <= cfg.frozen_stages:
         # Frozen stages need no gradient at all, so backpropagation stops here (as in torch,
         # where their parameters have requires_grad=False and the image needs no gradient).

@@ -199,7 +199,9 @@ class SpatialCrossAttention(nn.Module):
       out = attn(queries.reshape(b * n, cap, c), values, refs.reshape(b * n, cap, anchors, 2))
       out = jnp.where(valid[..., None], out.reshape(b, n, cap, c).astype(jnp.float32), 0.0)
       rows = jnp.arange(b)[:, None, None]
-      slots = jnp.zeros((b, hw, c), jnp.float32).at[rows, idx].add(out)
+      # zeros computed from the data: a constant buffer would be allocated at program start
+      zeros = jnp.zeros((b, hw, c), jnp.float32) + out[0, 0, 0, 0] * 0
+      slots = zeros.at[rows, idx].add(out)
       overflow = jnp.maximum(visible.sum(-1) - cap, 0).sum(-1).astype(jnp.int32)
     count = jnp.maximum(visible.sum(1), 1).astype(jnp.float32)  # [B, HW]
     out = (slots / count[..., None]).astype(self.dtype)

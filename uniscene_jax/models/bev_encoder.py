@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from uniscene_jax import geometry
 from uniscene_jax.models.bev_attention import SpatialCrossAttention, TemporalSelfAttention
 from uniscene_jax.models.initializers import torch_default_bias, xavier
+from uniscene_jax.models.remat import checkpointed_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,14 +169,14 @@ class BEVFormerEncoder(nn.Module):
     prev = jax.lax.stop_gradient(prev.astype(bev_query.dtype))
     prev_stack = jnp.stack([prev, bev_query], 1)  # the same for every layer
 
-    layer_cls = BEVFormerLayer
-    if cfg.remat:
-      layer_cls = nn.remat(BEVFormerLayer, static_argnums=(9,))  # `train` (self counts as 0)
     x = bev_query
     overflow = jnp.zeros((b,), jnp.int32)
     for i in range(cfg.num_layers):
-      x, o = layer_cls(cfg, self.dtype, name=f'layers_{i}')(
-        x, bev_pos, prev_stack, prev_exists.astype(bool), hybrid, feats, ref_cam, bev_mask, train
-      )
+      layer = BEVFormerLayer(cfg, self.dtype, name=f'layers_{i}')
+      args = (x, bev_pos, prev_stack, prev_exists.astype(bool), hybrid, feats, ref_cam, bev_mask)
+      if cfg.remat:
+        x, o = checkpointed_call(self, layer, *args, train=train)
+      else:
+        x, o = layer(*args, train)
       overflow = jnp.maximum(overflow, o)
     return x, {'sca_overflow': overflow, 'bev_mask': bev_mask}

@@ -9,19 +9,19 @@ contiguous block of a table whose rows are padded pixels and whose columns are t
 Every bilinear corner is then one row, the four corners of a sample sit at rows r, r + 1, r + Wp
 and r + Wp + 1, and no index can leave the table whatever the location (clamped first).
 
-Forward. `lax.map` over the (sample, head) maps, so one map (about 4 MB for an SCA camera) stays in
+Forward. A loop over the (sample, head) maps, so one map (about 4 MB for an SCA camera) stays in
 cache while all its queries are processed; inside, a fully unrolled `fori_loop` over the static
 (level, point) samples gathers the four corner rows and accumulates them with explicit adds. Keeping
 the sum free of `reduce` ops matters on CPU: XLA hands large reductions to a library kernel, which
 would make it materialise every gathered row (5 GB for one SCA camera) instead of fusing the gather
 into the accumulation.
 
-Backward (jax.custom_vjp; nothing but the inputs is saved). A `lax.scan` over (map, query chunk)
+Backward (jax.custom_vjp; nothing but the inputs is saved). A loop over (map, query chunk)
 steps. Per step the four corner rows of every sample are gathered once; their dot products with
 the output gradient (one small batched contraction) give the attention-weight gradient (bilinear
 weights x dots) and the location gradient (weight derivatives x dots, zero where the clamp acts).
 The value gradient is the transposed sampling: a scatter-add of (bilinear weight x attention
-weight x output gradient) into a padded table carried by the scan and updated in place. Chunks of
+weight x output gradient) into a padded table carried by the loop and updated in place. Chunks of
 2**14 corner rows keep each step's gathered rows and scatter updates cache-sized; one scatter over
 the whole problem instead spends most of its time writing and page-faulting a multi-gigabyte
 update array (that, and autodiff's four separate scatters, is why the plain autodiff backward is
@@ -149,6 +149,11 @@ def _corner_weights(frac):
   return gy * gx, gy * fx, fy * gx, fy * fx
 
 
+def _zero_of(x):
+  """A float32 zero computed from x (XLA cannot fold it to a constant)."""
+  return x.reshape(-1)[0].astype(jnp.float32) * 0
+
+
 def _head_major(x):
   """[B, Q, heads, ...] -> [B * heads, Q, ...]."""
   x = jnp.swapaxes(x, 1, 2)
@@ -185,9 +190,15 @@ def _forward(shapes, value, loc, aw):
     )
     return out
 
-  # One (sample, head) map at a time: its table rows (a few MB) stay in cache, and the map
-  # boundary keeps XLA from fusing the final transpose into the gather loop.
-  out = lax.map(one_head, (jnp.arange(b * heads, dtype=jnp.int32), loc, aw))  # [BH, Q, Dh]
+  # One (sample, head) map at a time: its table rows (a few MB) stay in cache, and the loop
+  # boundary keeps XLA from fusing the final transpose into the gather loop. The output buffer
+  # starts as zeros computed from the input, so that XLA cannot allocate it at the start of the
+  # program (as it does with constants) and keep it alive until this point.
+  def body(i, out):
+    return lax.dynamic_update_index_in_dim(out, one_head((i, loc[i], aw[i])), i, 0)
+
+  init = jnp.zeros((b * heads, q, dh), jnp.float32) + _zero_of(loc)
+  out = lax.fori_loop(0, b * heads, body, init)  # [BH, Q, Dh]
   return out.reshape(b, heads, q, dh).swapaxes(1, 2).astype(value.dtype)
 
 
@@ -246,7 +257,25 @@ def _msda_bwd(shapes, chunk, residuals, g):
 
   bh_ids = jnp.repeat(jnp.arange(b * heads, dtype=jnp.int32), n_chunks)
   xs = (bh_ids, split(loc), split(aw), split(g))
-  dtable, (d_loc, d_aw) = lax.scan(step, jnp.zeros(table.shape, jnp.float32), xs)
+  # The loop's buffers start as zeros computed from g, not as constants: XLA would otherwise
+  # allocate them (a few hundred MB at the reference's shapes) at the start of the program, long
+  # before this backward runs, and keep them alive throughout.
+  zero = _zero_of(g)
+
+  def body(i, carry):
+    dtable, d_loc, d_aw = carry
+    dtable, (dl, da) = step(dtable, jax.tree.map(lambda x: x[i], xs))
+    d_loc = lax.dynamic_update_index_in_dim(d_loc, dl, i, 0)
+    d_aw = lax.dynamic_update_index_in_dim(d_aw, da, i, 0)
+    return dtable, d_loc, d_aw
+
+  steps = bh_ids.shape[0]
+  init = (
+    jnp.zeros(table.shape, jnp.float32) + zero,
+    jnp.zeros((steps, chunk, levels, points, 2), jnp.float32) + zero,
+    jnp.zeros((steps, chunk, levels, points), jnp.float32) + zero,
+  )
+  dtable, d_loc, d_aw = lax.fori_loop(0, steps, body, init)
 
   d_value = _untable(dtable, shapes, b, heads).astype(value.dtype)
   d_loc, d_aw = _merge(d_loc, b, heads, q), _merge(d_aw, b, heads, q)
