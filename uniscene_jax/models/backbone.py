@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from uniscene_jax.models.remat import checkpointed_call, recompute
+from uniscene_jax.models.remat import checkpointed_call, recompute, sequential_call
 from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), mmdet's ResNet conv init.
@@ -210,8 +210,8 @@ class ResNet(nn.Module):
     outs = []
     for s, blocks in enumerate(cfg.stage_blocks):
       planes = cfg.base_width * 2**s
-      for i in range(blocks):
-        block = Bottleneck(
+      stage = [
+        Bottleneck(
           planes,
           stride=cfg.stage_strides[s] if i == 0 else 1,
           downsample=i == 0,
@@ -220,9 +220,14 @@ class ResNet(nn.Module):
           dtype=self.dtype,
           name=f'layer{s + 1}_{i}',
         )
-        # Frozen stages run no backward, so there is nothing to recompute there.
-        recompute = cfg.remat and s >= cfg.frozen_stages
-        x = checkpointed_call(self, block, x) if recompute else block(x)
+        for i in range(blocks)
+      ]
+      # Frozen stages run no backward, so there is nothing to recompute there. The identical
+      # blocks after the first run as one loop (compiled once).
+      recompute = cfg.remat and s >= cfg.frozen_stages
+      x = checkpointed_call(self, stage[0], x) if recompute else stage[0](x)
+      if blocks > 1:
+        x = sequential_call(self, stage[1:], x, remat=recompute)
       if s + 1 <= cfg.frozen_stages:
         # Frozen stages need no gradient at all, so backpropagation stops here (as in torch,
         # where their parameters have requires_grad=False and the image needs no gradient).

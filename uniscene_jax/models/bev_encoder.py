@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from uniscene_jax import geometry
 from uniscene_jax.models.bev_attention import SpatialCrossAttention, TemporalSelfAttention
 from uniscene_jax.models.initializers import torch_default_bias, xavier
-from uniscene_jax.models.remat import checkpointed_call
+from uniscene_jax.models.remat import sequential_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +169,11 @@ class BEVFormerEncoder(nn.Module):
     prev = jax.lax.stop_gradient(prev.astype(bev_query.dtype))
     prev_stack = jnp.stack([prev, bev_query], 1)  # the same for every layer
 
-    x = bev_query
-    overflow = jnp.zeros((b,), jnp.int32)
-    for i in range(cfg.num_layers):
-      layer = BEVFormerLayer(cfg, self.dtype, name=f'layers_{i}')
-      args = (x, bev_pos, prev_stack, prev_exists.astype(bool), hybrid, feats, ref_cam, bev_mask)
-      if cfg.remat:
-        x, o = checkpointed_call(self, layer, *args, train=train)
-      else:
-        x, o = layer(*args, train)
-      overflow = jnp.maximum(overflow, o)
+    layers = [BEVFormerLayer(cfg, self.dtype, name=f'layers_{i}') for i in range(cfg.num_layers)]
+    shared = (bev_pos, prev_stack, prev_exists.astype(bool), hybrid, feats, ref_cam, bev_mask)
+    # One loop over the layers: compiled once, and with the shared inputs' gradients summed as
+    # they come (see models.remat.sequential_call).
+    x = bev_query.astype(self.dtype)
+    x, overflow = sequential_call(self, layers, x, *shared, remat=cfg.remat, train=train)
+    overflow = overflow.max(0)
     return x, {'sca_overflow': overflow, 'bev_mask': bev_mask}

@@ -134,3 +134,66 @@ def checkpointed_call(
     return module.apply(variables, *args, rngs=dict(zip(names, keys, strict=True)), **static_kwargs)
 
   return recompute(pure)(variables, keys, salt, *args)
+
+
+def sequential_call(
+  parent: nn.Module,
+  children: Sequence[nn.Module],
+  carry,
+  *shared,
+  remat: bool = False,
+  rng_names: Sequence[str] = ('dropout',),
+  **static_kwargs,
+):
+  """Applies identical children in turn, carry = child(carry, *shared, **static_kwargs), as one
+  `lax.scan` over their stacked variables.
+
+  The children must share a definition (same class and attributes, hence same variable shapes);
+  each keeps its own variables at its own path, read from the parent and stacked per call. A
+  child may return carry or (carry, aux); the aux of all children come back stacked on a leading
+  axis. One loop body compiles once whatever the depth, and the gradients of the shared inputs
+  are summed in the loop's carry, so each layer's contribution is added as soon as it exists.
+  With `remat` each step is recomputed in the backward pass (`recompute`). Random streams as in
+  `checkpointed_call`, one per child.
+  """
+  if parent.is_initializing() or len(children) == 1:
+    outs = []
+    for child in children:
+      out = (
+        checkpointed_call(parent, child, carry, *shared, rng_names=rng_names, **static_kwargs)
+        if remat
+        else child(carry, *shared, **static_kwargs)
+      )
+      carry, aux = out if isinstance(out, tuple) else (out, None)
+      outs.append(aux)
+    if outs[0] is None:
+      return carry
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  names = [child.name for child in children]
+  variables = {
+    col: jax.tree.map(lambda *a: jnp.stack(a), *[tree[n] for n in names])
+    for col, tree in parent.variables.items()
+    if names[0] in tree
+  }
+  rngs = tuple(n for n in rng_names if parent.has_rng(n))
+  keys = tuple(jax.random.split(parent.make_rng(n), len(children)) for n in rngs)
+  module = children[0].clone(parent=None)
+
+  def step(variables, keys, salt, carry, *shared):
+    keys = [jax.random.fold_in(k, salt) for k in keys]
+    rng = dict(zip(rngs, keys, strict=True))
+    return module.apply(variables, carry, *shared, rngs=rng, **static_kwargs)
+
+  step_fn = recompute(step) if remat else step
+  returns_aux = []
+
+  def body(carry, xs):
+    layer_variables, layer_keys = xs
+    zero = _zero_of(jax.tree.leaves((carry, shared)))
+    salt = jnp.zeros((), jnp.int32) if zero is None else _int_zero(zero)
+    out = step_fn(layer_variables, layer_keys, salt, carry, *shared)
+    returns_aux.append(isinstance(out, tuple))
+    return out if isinstance(out, tuple) else (out, None)
+
+  carry, aux = jax.lax.scan(body, carry, (variables, keys))
+  return (carry, aux) if returns_aux[0] else carry
