@@ -48,16 +48,19 @@ class FrozenBatchNorm(nn.Module):
 
 
 def deform_conv_recomputed(x, offset, mask, kernel, stride, padding, dilation):
-  """`modulated_deform_conv2d` whose backward recomputes its samples instead of keeping them.
+  """`modulated_deform_conv2d`, one image at a time, each recomputed in the backward pass.
 
   Plain autodiff keeps every tap's four gathered corner maps and their products for the backward
   (about 2.9 GB per R101 layer3 block at 6 x 928 x 1600 in float32, 70 GB for the 26 blocks).
-  Here only the inputs are kept (models.remat.recompute). Values and gradients are autodiff's.
+  Here only the inputs are kept (models.remat.recompute), and a loop over the images bounds the
+  backward's gathered samples by one image's (the kernel gradient is summed in the loop).
+  Values and gradients are autodiff's.
   """
   conv = functools.partial(
     modulated_deform_conv2d, stride=stride, padding=padding, dilation=dilation
   )
-  return recompute(conv)(x, offset, mask, kernel)
+  one = recompute(lambda x, o, m, k: conv(x[None], o[None], m[None], k)[0])
+  return jax.lax.map(lambda xs: one(*xs, kernel), (x, offset, mask))
 
 
 class ModulatedDeformConv(nn.Module):
