@@ -127,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.occ_out_dim = 16
     m.backbone_blocks = (1, 1, 1, 1)
     m.backbone_base_width = 8
+    m.sca_capacity = 0  # a 50 x 50 BEV: every query for every camera
     m.dropout = 0.0
   if preset in ('tiny', 'test'):
     c.data.queue_length = 2
