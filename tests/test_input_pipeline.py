@@ -186,3 +186,42 @@ def test_decode_queue_pads_and_names_a_bad_image():
   frames[1][1] = b'not an image'
   with pytest.raises(ValueError, match='frame 1 camera 1: undecodable JPEG'):
     ip.decode_queue(frames)
+
+
+def test_jpeg_size_reads_the_frame_header():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
+    ok, buf = cv2.imencode('.jpg', image, params)
+    assert ok
+    assert ip.jpeg_size(buf.tobytes()) == (37, 53)
+  ok, png = cv2.imencode('.png', image)
+  with pytest.raises(ValueError, match='not a JPEG'):
+    ip.jpeg_size(png.tobytes())
+
+
+@pytest.mark.parametrize('shared_memory', [False, True])
+def test_queue_batch_decodes_into_the_batch(shared_memory):
+  from grain.multiprocessing import SharedMemoryArray
+
+  rng = np.random.default_rng(1)
+
+  def queue():
+    images = rng.integers(0, 256, (2, 3, 40, 70, 3), dtype=np.uint8)
+    return tuple(tuple(cv2.imencode('.jpg', im)[1].tobytes() for im in frame) for frame in images)
+
+  samples = [{'img': queue(), 'can_bus': np.full(18, i, np.float32)} for i in range(2)]
+  fn = ip.QueueBatch(32)
+  if shared_memory:
+    fn.enable_shared_memory_output()
+  batch = fn(samples)
+  assert isinstance(batch['img'], SharedMemoryArray) == shared_memory
+  want = np.stack([ip.decode_queue(s['img'], 32) for s in samples])
+  assert batch['img'].shape == (2, 2, 3, 64, 96, 3)
+  np.testing.assert_array_equal(batch['img'], want)
+  np.testing.assert_array_equal(batch['can_bus'][:, 0], [0, 1])
+  # Decoding into a used buffer still leaves zero padding.
+  out = np.full(want.shape[1:], 255, np.uint8)
+  np.testing.assert_array_equal(ip.decode_queue(samples[1]['img'], 32, out), want[1])
+  with pytest.raises(ValueError, match='out is uint8'):
+    ip.decode_queue(samples[1]['img'], 32, out[:, :, :32])

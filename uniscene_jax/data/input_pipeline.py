@@ -47,15 +47,38 @@ def open_source(data_dir: str, name: str, split: str, decode_images: bool = True
   )
 
 
-def decode_queue(jpegs: list, divisor: int = 32) -> np.ndarray:
+def jpeg_size(blob: bytes) -> tuple[int, int]:
+  """(height, width) of a JPEG from its frame header (SOFn marker), without decoding it."""
+  data = memoryview(blob)
+  i = 2  # after SOI
+  while i + 9 <= len(data):
+    if data[i] != 0xFF:
+      break
+    marker = data[i + 1]
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+      return int.from_bytes(data[i + 5 : i + 7], 'big'), int.from_bytes(data[i + 7 : i + 9], 'big')
+    i += 2 + int.from_bytes(data[i + 2 : i + 4], 'big')
+  raise ValueError('not a JPEG with a frame header')
+
+
+def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) -> np.ndarray:
   """T frames of N JPEGs -> [T, N, H_pad, W_pad, 3] uint8 BGR, zero-padded bottom/right.
 
-  Each image is decoded once and copied once, into its place in the sample's array.
+  Each image is decoded once and copied once, into its place in `out` (allocated when None;
+  e.g. a slice of a batch in shared memory).
   """
   first = cv2.imdecode(np.frombuffer(jpegs[0][0], np.uint8), cv2.IMREAD_COLOR)
+  if first is None:
+    raise ValueError('frame 0 camera 0: undecodable JPEG')
   h, w = first.shape[:2]
   hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-  out = np.zeros((len(jpegs), len(jpegs[0]), hp, wp, 3), np.uint8)
+  shape = (len(jpegs), len(jpegs[0]), hp, wp, 3)
+  if out is None:
+    out = np.empty(shape, np.uint8)
+  elif out.shape != shape or out.dtype != np.uint8:
+    raise ValueError(f'decode_queue: out is {out.dtype}{list(out.shape)}, the queue needs {shape}')
+  out[:, :, h:] = 0
+  out[:, :, :h, w:] = 0
   for t, frame in enumerate(jpegs):  # T x N = 24 images
     for n, blob in enumerate(frame):
       image = (
@@ -68,6 +91,44 @@ def decode_queue(jpegs: list, divisor: int = 32) -> np.ndarray:
         )
       out[t, n, :h, :w] = image
   return out
+
+
+class QueueBatch:
+  """grain batch function: stacks the samples' arrays and decodes their queues' JPEGs (the 'img'
+  entry, left undecoded by `TemporalQueue(decode_images=False)`) straight into the batch's image
+  array. In worker processes grain asks for shared-memory output, and the images are then
+  decoded into shared memory: no per-sample image array, no copy into the batch, none out of
+  the worker."""
+
+  def __init__(self, divisor: int = 32):
+    self.divisor = divisor
+    self.shared_memory = False
+
+  def enable_shared_memory_output(self):
+    self.shared_memory = True
+
+  def __call__(self, samples):
+    queues = [s['img'] for s in samples]
+    h, w = jpeg_size(queues[0][0][0])
+    shape = (
+      len(queues),
+      len(queues[0]),
+      len(queues[0][0]),
+      -(-h // self.divisor) * self.divisor,
+      -(-w // self.divisor) * self.divisor,
+      3,
+    )
+    if self.shared_memory:
+      from grain.multiprocessing import SharedMemoryArray
+
+      images = SharedMemoryArray(shape, dtype=np.uint8)
+    else:
+      images = np.empty(shape, np.uint8)
+    for b, queue in enumerate(queues):
+      decode_queue(queue, self.divisor, images[b])
+    batch = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k != 'img'}
+    batch['img'] = images
+    return batch
 
 
 def queue_indices(index: int, rng: np.random.Generator, queue_length: int = 4) -> list[int]:
@@ -149,16 +210,21 @@ class PipelineConfig:
 
 
 class TemporalQueue(grain.transforms.RandomMap):
-  """Record index -> one training sample (the queue of frames and the current frame's target)."""
+  """Record index -> one training sample (the queue of frames and the current frame's target).
 
-  def __init__(self, config: PipelineConfig):
+  With `decode_images=False` the sample's 'img' is the queue's JPEG bytes (T tuples of N), for
+  `QueueBatch` to decode into the batch.
+  """
+
+  def __init__(self, config: PipelineConfig, decode_images: bool = True):
     if config.target not in TARGETS:
       raise ValueError(f'PipelineConfig.target must be one of {TARGETS}, got {config.target!r}')
     self.config = config
+    self.decode_images = decode_images
     self._source = None  # opened lazily: each worker process opens its own
 
   def __getstate__(self):
-    return {'config': self.config, '_source': None}
+    return {'config': self.config, 'decode_images': self.decode_images, '_source': None}
 
   def random_map(self, index, rng: np.random.Generator) -> dict:
     cfg = self.config
@@ -166,11 +232,12 @@ class TemporalQueue(grain.transforms.RandomMap):
       self._source = open_source(cfg.data_dir, cfg.name, cfg.split, decode_images=False)
     frames = [self._source[i] for i in queue_indices(int(index), rng, cfg.queue_length)]
     current = frames[-1]
+    jpegs = tuple(tuple(f['images']) for f in frames)
     can_bus, exists = queue_deltas(
       np.stack([f['can_bus'] for f in frames]), [f['scene_token'] for f in frames]
     )
     sample = {
-      'img': decode_queue([f['images'] for f in frames], cfg.image_pad_divisor),
+      'img': decode_queue(jpegs, cfg.image_pad_divisor) if self.decode_images else jpegs,
       'lidar2img': np.stack([f['lidar2img'] for f in frames]).astype(np.float32),
       'ego2lidar': np.stack([f['ego2lidar'] for f in frames]).astype(np.float32),
       'can_bus': can_bus.astype(np.float32),
@@ -210,8 +277,12 @@ def make_loader(config: PipelineConfig, process_index: int = 0, process_count: i
     data_source=grain.sources.RangeDataSource(0, num_records, 1),
     sampler=sampler,
     operations=[
-      TemporalQueue(config),
-      grain.transforms.Batch(batch_size=config.batch_size, drop_remainder=True),
+      TemporalQueue(config, decode_images=False),
+      grain.transforms.Batch(
+        batch_size=config.batch_size,
+        drop_remainder=True,
+        batch_fn=QueueBatch(config.image_pad_divisor),
+      ),
     ],
     worker_count=config.worker_count,
     worker_buffer_size=config.worker_buffer_size,
