@@ -163,6 +163,15 @@ def test_worker_processes_and_no_tensorflow(config):
     '  it = iter(ip.make_loader(cfg))\n'
     '  b = [next(it) for _ in range(3)]\n'
     '  assert b[2]["img"].shape[:3] == (2, 4, 6)\n'
+    '  # images decoded into shared memory by the workers = decoded in this process\n'
+    '  import dataclasses, numpy as np\n'
+    '  one = dataclasses.replace(cfg, num_epochs=1, shuffle=False)\n'
+    '  def samples(c):\n'
+    '    return {t: im for b in ip.make_loader(c) for t, im in zip(b["sample_token"], b["img"])}\n'
+    '  got, want = samples(one), samples(dataclasses.replace(one, worker_count=0))\n'
+    '  assert len(got) == 8 and got.keys() == want.keys()\n'
+    '  for t in want:\n'
+    '    np.testing.assert_array_equal(got[t], want[t])\n'
     '  assert "tensorflow" not in sys.modules, "the input pipeline imported TensorFlow"\n'
   )
   subprocess.run([sys.executable, '-c', code], check=True, timeout=300, cwd=os.getcwd())
