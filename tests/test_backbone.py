@@ -27,7 +27,7 @@ BACKBONE_PARAMS = 44_304_894
 BACKBONE_BN_STATS = 105_344
 NECK_PARAMS = 3_278_592
 
-# Three DCN blocks in stage 3: the two after the first run as one loop (models.remat).
+# Three DCN blocks in stage 3: with remat the two after the first run as one loop.
 SMALL = ResNetConfig(stage_blocks=(2, 1, 3, 1), base_width=8)
 NECK_WIDTH = 16
 

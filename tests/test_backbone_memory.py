@@ -1,5 +1,7 @@
 """The backbone's memory-saving pieces equal what they replace."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,9 @@ def test_recomputed_deform_conv_equals_autodiff(stride):
     return out, pullback(jnp.asarray(g))
 
   want, want_grads = jax.jit(lambda: vjp(modulated_deform_conv2d))()
-  got, got_grads = jax.jit(lambda: vjp(deform_conv_recomputed))()
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  for a, e in zip(got_grads, want_grads, strict=True):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+  for per_image in (False, True):
+    fn = functools.partial(deform_conv_recomputed, per_image=per_image)
+    got, got_grads = jax.jit(lambda fn=fn: vjp(fn))()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for a, e in zip(got_grads, want_grads, strict=True):
+      np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
