@@ -75,6 +75,10 @@ def jpeg_size(blob: bytes) -> tuple[int, int]:
   raise ValueError('not a JPEG with a frame header')
 
 
+def _pad_to(n: int, divisor: int) -> int:
+  return -(-n // divisor) * divisor
+
+
 def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) -> np.ndarray:
   """T frames of N JPEGs -> [T, N, H_pad, W_pad, 3] uint8 BGR, zero-padded bottom/right.
 
@@ -85,8 +89,7 @@ def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) 
   if first is None:
     raise ValueError('frame 0 camera 0: undecodable JPEG')
   h, w = first.shape[:2]
-  hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-  shape = (len(jpegs), len(jpegs[0]), hp, wp, 3)
+  shape = (len(jpegs), len(jpegs[0]), _pad_to(h, divisor), _pad_to(w, divisor), 3)
   if out is None:
     out = np.empty(shape, np.uint8)
   elif out.shape != shape or out.dtype != np.uint8:
@@ -128,8 +131,8 @@ class QueueBatch:
       len(queues),
       len(queues[0]),
       len(queues[0][0]),
-      -(-h // self.divisor) * self.divisor,
-      -(-w // self.divisor) * self.divisor,
+      _pad_to(h, self.divisor),
+      _pad_to(w, self.divisor),
       3,
     )
     if self.shared_memory:
@@ -171,8 +174,7 @@ def queue_deltas(can_bus: np.ndarray, scene_tokens) -> tuple[np.ndarray, np.ndar
 def pad_images(images, divisor: int = 32) -> np.ndarray:
   """List of N [H, W, 3] uint8 -> [N, H_pad, W_pad, 3], zero-padded bottom/right."""
   h, w = images[0].shape[:2]
-  hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-  out = np.zeros((len(images), hp, wp, 3), np.uint8)
+  out = np.zeros((len(images), _pad_to(h, divisor), _pad_to(w, divisor), 3), np.uint8)
   for n, image in enumerate(images):  # six cameras
     if image.shape != images[0].shape:
       raise ValueError(f'camera {n}: image {image.shape}, camera 0 has {images[0].shape}')

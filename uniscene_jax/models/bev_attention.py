@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniscene_jax.models.initializers import xavier
+from uniscene_jax.ops.data_zero import data_zero
 from uniscene_jax.ops.deformable_attention import ms_deform_attn
 
 
@@ -200,8 +201,7 @@ class SpatialCrossAttention(nn.Module):
       out = jnp.where(valid[..., None], out.reshape(b, n, cap, c).astype(jnp.float32), 0.0)
       rows = jnp.arange(b)[:, None, None]
       # zeros computed from the data: a constant buffer would be allocated at program start
-      zeros = jnp.zeros((b, hw, c), jnp.float32) + out[0, 0, 0, 0] * 0
-      slots = zeros.at[rows, idx].add(out)
+      slots = (jnp.zeros((b, hw, c), jnp.float32) + data_zero(out)).at[rows, idx].add(out)
       overflow = jnp.maximum(visible.sum(-1) - cap, 0).sum(-1).astype(jnp.int32)
     count = jnp.maximum(visible.sum(1), 1).astype(jnp.float32)  # [B, HW]
     out = (slots / count[..., None]).astype(self.dtype)

@@ -26,21 +26,34 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from uniscene_jax.ops.data_zero import data_zero
+
 
 def _inexact(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _zero_of(leaves):
-  """A float32 zero computed from every non-empty inexact leaf (None if there is none), so that
-  it exists only once all of them do."""
-  zeros = [x.reshape(-1)[0].astype(jnp.float32) * 0 for x in leaves if _inexact(x) and x.size]
-  return sum(zeros[1:], zeros[0]) if zeros else None
-
-
 def _int_zero(zero):
   """An int32 zero that XLA cannot fold to a constant (x * 0 is not 1 for any float x)."""
   return (zero == 1).astype(jnp.int32)
+
+
+def _salt(*trees):
+  """An int32 zero computed from the inputs (a constant when they hold no float array)."""
+  zero = data_zero(*trees)
+  return jnp.zeros((), jnp.int32) if zero is None else _int_zero(zero)
+
+
+def _pure_apply(module: nn.Module, rng_names: tuple[str, ...], static_kwargs: dict):
+  """(variables, keys, salt, *args) -> module.apply(variables, *args), each key folded with the
+  salt: the same numbers wherever the salt is a zero, drawn only once it exists."""
+
+  def apply(variables, keys, salt, *args):
+    keys = [jax.random.fold_in(k, salt) for k in keys]
+    rngs = dict(zip(rng_names, keys, strict=True))
+    return module.apply(variables, *args, rngs=rngs, **static_kwargs)
+
+  return apply
 
 
 def recompute(fn: Callable) -> Callable:
@@ -65,7 +78,7 @@ def recompute(fn: Callable) -> Callable:
   def bwd(residuals, g):
     args, wanted = residuals
     g = jax.tree.map(_materialise, g, is_leaf=lambda x: isinstance(x, SymbolicZero))
-    zero = _zero_of(jax.tree.leaves(g))
+    zero = data_zero(g)
     leaves, treedef = jax.tree.flatten(args)
     if zero is not None:
       ints = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.integer)]
@@ -125,15 +138,8 @@ def checkpointed_call(
   variables = {col: tree[name] for col, tree in parent.variables.items() if name in tree}
   names = tuple(n for n in rng_names if parent.has_rng(n))
   keys = tuple(parent.make_rng(n) for n in names)
-  zero = _zero_of(jax.tree.leaves(args))
-  salt = jnp.zeros((), jnp.int32) if zero is None else _int_zero(zero)
-  module = child.clone(parent=None)
-
-  def pure(variables, keys, salt, *args):
-    keys = [jax.random.fold_in(k, salt) for k in keys]
-    return module.apply(variables, *args, rngs=dict(zip(names, keys, strict=True)), **static_kwargs)
-
-  return recompute(pure)(variables, keys, salt, *args)
+  apply = _pure_apply(child.clone(parent=None), names, static_kwargs)
+  return recompute(apply)(variables, keys, _salt(args), *args)
 
 
 def sequential_call(
@@ -166,34 +172,22 @@ def sequential_call(
       )
       carry, aux = out if isinstance(out, tuple) else (out, None)
       outs.append(aux)
-    if outs[0] is None:
-      return carry
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-  names = [child.name for child in children]
-  variables = {
-    col: jax.tree.map(lambda *a: jnp.stack(a), *[tree[n] for n in names])
-    for col, tree in parent.variables.items()
-    if names[0] in tree
-  }
-  rngs = tuple(n for n in rng_names if parent.has_rng(n))
-  keys = tuple(jax.random.split(parent.make_rng(n), len(children)) for n in rngs)
-  module = children[0].clone(parent=None)
+    aux = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  else:
+    names = [child.name for child in children]
+    variables = {
+      col: jax.tree.map(lambda *a: jnp.stack(a), *[tree[n] for n in names])
+      for col, tree in parent.variables.items()
+      if names[0] in tree
+    }
+    rngs = tuple(n for n in rng_names if parent.has_rng(n))
+    keys = tuple(jax.random.split(parent.make_rng(n), len(children)) for n in rngs)
+    step = _pure_apply(children[0].clone(parent=None), rngs, static_kwargs)
+    step = recompute(step) if remat else step
 
-  def step(variables, keys, salt, carry, *shared):
-    keys = [jax.random.fold_in(k, salt) for k in keys]
-    rng = dict(zip(rngs, keys, strict=True))
-    return module.apply(variables, carry, *shared, rngs=rng, **static_kwargs)
+    def body(carry, xs):
+      out = step(*xs, _salt(carry, shared), carry, *shared)
+      return out if isinstance(out, tuple) else (out, None)
 
-  step_fn = recompute(step) if remat else step
-  returns_aux = []
-
-  def body(carry, xs):
-    layer_variables, layer_keys = xs
-    zero = _zero_of(jax.tree.leaves((carry, shared)))
-    salt = jnp.zeros((), jnp.int32) if zero is None else _int_zero(zero)
-    out = step_fn(layer_variables, layer_keys, salt, carry, *shared)
-    returns_aux.append(isinstance(out, tuple))
-    return out if isinstance(out, tuple) else (out, None)
-
-  carry, aux = jax.lax.scan(body, carry, (variables, keys))
-  return (carry, aux) if returns_aux[0] else carry
+    carry, aux = jax.lax.scan(body, carry, (variables, keys))
+  return carry if aux is None else (carry, aux)

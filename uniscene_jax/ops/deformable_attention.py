@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from uniscene_jax.ops import bilinear
+from uniscene_jax.ops.data_zero import data_zero
 
 
 def ms_deform_attn(
@@ -149,11 +150,6 @@ def _corner_weights(frac):
   return gy * gx, gy * fx, fy * gx, fy * fx
 
 
-def _zero_of(x):
-  """A float32 zero computed from x (XLA cannot fold it to a constant)."""
-  return x.reshape(-1)[0].astype(jnp.float32) * 0
-
-
 def _head_major(x):
   """[B, Q, heads, ...] -> [B * heads, Q, ...]."""
   x = jnp.swapaxes(x, 1, 2)
@@ -197,7 +193,7 @@ def _forward(shapes, value, loc, aw):
   def body(i, out):
     return lax.dynamic_update_index_in_dim(out, one_head((i, loc[i], aw[i])), i, 0)
 
-  init = jnp.zeros((b * heads, q, dh), jnp.float32) + _zero_of(loc)
+  init = jnp.zeros((b * heads, q, dh), jnp.float32) + data_zero(loc)
   out = lax.fori_loop(0, b * heads, body, init)  # [BH, Q, Dh]
   return out.reshape(b, heads, q, dh).swapaxes(1, 2).astype(value.dtype)
 
@@ -260,7 +256,7 @@ def _msda_bwd(shapes, chunk, residuals, g):
   # The loop's buffers start as zeros computed from g, not as constants: XLA would otherwise
   # allocate them (a few hundred MB at the reference's shapes) at the start of the program, long
   # before this backward runs, and keep them alive throughout.
-  zero = _zero_of(g)
+  zero = data_zero(g)
 
   def body(i, carry):
     dtable, d_loc, d_aw = carry
