@@ -9,24 +9,45 @@ change since the previous frame of the queue (global-frame translation, yaw in d
 Images stay uint8 BGR on the host (JPEG decoded straight to BGR), zero-padded bottom/right to a
 multiple of 32; normalisation and augmentation happen on the device (`augment.py`). Batches are
 flat dicts of numpy arrays (DESIGN section 4), with the tokens kept as bytes arrays for the host.
+
+With worker processes, each worker writes a whole batch into one shared-memory block, decoding
+its JPEGs in place, and reuses the block once the consumer has dropped the batch's image array
+(`BatchBlocks`): a fresh block per batch would cost more in page faults than the decoding
+itself, and grain's own transport would make one shared-memory file per array.
 """
 
+import atexit
+import contextlib
 import dataclasses
+import glob
+import mmap
+import os
+import uuid
+import weakref
 
-import cv2
 import grain
 import numpy as np
+import simplejpeg
 import tensorflow_datasets as tfds
 from absl import flags
 
 TARGETS = ('binary', 'occ3d', 'boxes')
 
 
+def decode_jpeg(blob: bytes, out: np.ndarray | None = None) -> np.ndarray:
+  """One JPEG -> [H, W, 3] uint8 BGR (libjpeg-turbo, accurate DCT and upsampling: the pixels of
+  cv2.imdecode), decoded straight into `out` when given (C-contiguous, [H, W, 3] uint8)."""
+  try:
+    return simplejpeg.decode_jpeg(blob, colorspace='BGR', buffer=out, strict=False)
+  except ValueError as e:
+    raise ValueError(f'undecodable JPEG ({e})') from None
+
+
 class BgrJpeg(tfds.decode.SkipDecoding):
   """Decodes a sequence of JPEG features straight to BGR uint8 (the reference reads BGR)."""
 
   def decode_batch_example_np(self, serialized):
-    return [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in serialized]
+    return [decode_jpeg(b) for b in serialized]
 
 
 class JpegBytes(tfds.decode.SkipDecoding):
@@ -49,15 +70,25 @@ TARGET_FEATURES = (
 )
 
 
-def open_source(
-  data_dir: str, name: str, split: str, decode_images: bool = True, targets: bool = True
-):
-  """The split's records by index; images as lists of BGR arrays (or of JPEG bytes). With
-  targets=False the TARGET_FEATURES stay undecoded (serialized bytes)."""
+# The target features each training target reads.
+TARGET_READS = {
+  'binary': ('occ_binary',),
+  'occ3d': ('occ_semantics', 'occ_mask_camera'),
+  'boxes': ('gt_boxes', 'gt_labels', 'gt_valid'),
+}
+
+
+def open_source(data_dir: str, name: str, split: str, decode_images: bool = True, targets=True):
+  """The split's records by index; images as lists of BGR arrays (or of JPEG bytes). `targets`:
+  True decodes every feature; False leaves the TARGET_FEATURES undecoded (serialized bytes); a
+  tuple of names decodes only those of them."""
   decoders = {'images': BgrJpeg() if decode_images else JpegBytes()}
-  if not targets:
+  if targets is not True:
+    keep = () if targets is False else tuple(targets)
     features = tfds.builder(name, data_dir=data_dir).info.features
-    decoders.update({k: tfds.decode.SkipDecoding() for k in TARGET_FEATURES if k in features})
+    decoders.update(
+      {k: tfds.decode.SkipDecoding() for k in TARGET_FEATURES if k in features and k not in keep}
+    )
   return tfds.data_source(name, data_dir=data_dir, split=split, download=False, decoders=decoders)
 
 
@@ -79,16 +110,21 @@ def _pad_to(n: int, divisor: int) -> int:
   return -(-n // divisor) * divisor
 
 
+def _frame_size(blob: bytes, where: str) -> tuple[int, int]:
+  try:
+    return jpeg_size(blob)
+  except (ValueError, IndexError):
+    raise ValueError(f'{where}: undecodable JPEG (no frame header)') from None
+
+
 def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) -> np.ndarray:
   """T frames of N JPEGs -> [T, N, H_pad, W_pad, 3] uint8 BGR, zero-padded bottom/right.
 
-  Each image is decoded once and copied once, into its place in `out` (allocated when None;
-  e.g. a slice of a batch in shared memory).
+  Each image is decoded once, into its place in `out` (allocated when None; e.g. a slice of a
+  batch in shared memory): straight into it when the width needs no padding, else through one
+  reused scratch image.
   """
-  first = cv2.imdecode(np.frombuffer(jpegs[0][0], np.uint8), cv2.IMREAD_COLOR)
-  if first is None:
-    raise ValueError('frame 0 camera 0: undecodable JPEG')
-  h, w = first.shape[:2]
+  h, w = _frame_size(jpegs[0][0], 'frame 0 camera 0')
   shape = (len(jpegs), len(jpegs[0]), _pad_to(h, divisor), _pad_to(w, divisor), 3)
   if out is None:
     out = np.empty(shape, np.uint8)
@@ -96,37 +132,142 @@ def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) 
     raise ValueError(f'decode_queue: out is {out.dtype}{list(out.shape)}, the queue needs {shape}')
   out[:, :, h:] = 0
   out[:, :, :h, w:] = 0
+  scratch = None if out[0, 0, :h, :w].flags.c_contiguous else np.empty((h, w, 3), np.uint8)
   for t, frame in enumerate(jpegs):  # T x N = 24 images
     for n, blob in enumerate(frame):
-      image = (
-        first if t == n == 0 else cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
-      )
-      if image is None or image.shape != first.shape:
-        raise ValueError(
-          f'frame {t} camera {n}: {"undecodable JPEG" if image is None else image.shape}, '
-          f'frame 0 camera 0 has {first.shape}'
-        )
-      out[t, n, :h, :w] = image
+      where = f'frame {t} camera {n}'
+      size = _frame_size(blob, where)
+      if size != (h, w):
+        raise ValueError(f'{where}: {(*size, 3)}, frame 0 camera 0 has {(h, w, 3)}')
+      try:
+        if scratch is None:
+          decode_jpeg(blob, out[t, n, :h, :w])
+        else:
+          out[t, n, :h, :w] = decode_jpeg(blob, scratch)
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
   return out
+
+
+_SHM_DIR = '/dev/shm'
+_BLOCK_PREFIX = 'uniscene_batch'
+_HEADER = 64  # byte 0 of a block: 1 from the worker's filling it until the consumer lets go
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedBatch:
+  """What a worker sends for a batch: the block holding it, the images' shape (at the block's
+  start) and the other arrays' places, (key, dtype, shape, byte offset) each."""
+
+  path: str
+  shape: tuple[int, ...]
+  arrays: tuple[tuple[str, str, tuple[int, ...], int], ...]
+
+
+class BatchBlocks:
+  """A worker's shared-memory blocks (files in /dev/shm, mapped), reused for batch after batch.
+
+  A block is busy from `take` until the consuming process drops the image array it handed out
+  (`_Attached.batch`). The first attach removes the block's name, so nothing is left behind once
+  both processes are gone; the worker removes the names of blocks never attached when it exits, and
+  the consuming process those of workers that died first (named after its pid).
+  """
+
+  def __init__(self):
+    self.blocks = []  # (path, mmap)
+    atexit.register(self.close)
+
+  def take(self, nbytes: int) -> tuple[str, np.ndarray]:
+    """A free block of `nbytes` (after the header), marked busy: (path, its bytes)."""
+    size = _HEADER + nbytes
+    free = [(path, block) for path, block in self.blocks if len(block) == size and block[0] == 0]
+    if free:
+      path, block = free[0]
+    else:
+      path = os.path.join(_SHM_DIR, f'{_BLOCK_PREFIX}_{os.getppid()}_{uuid.uuid4().hex}')
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+      try:
+        os.ftruncate(fd, size)
+        block = mmap.mmap(fd, size)
+      finally:
+        os.close(fd)
+      self.blocks.append((path, block))
+    block[0] = 1
+    return path, np.frombuffer(block, np.uint8, nbytes, _HEADER)
+
+  def close(self):
+    for path, _ in self.blocks:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+  @staticmethod
+  def supported() -> bool:
+    return os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
+
+
+def _release(block: mmap.mmap):
+  block[0] = 0
+
+
+class _Attached:
+  """The consuming process's side of `BatchBlocks`: each block mapped once, its images handed
+  out as an array that frees the block when it (and every view of it) is gone."""
+
+  def __init__(self):
+    self.blocks = {}
+
+  def batch(self, shared: SharedBatch) -> dict:
+    """The batch: 'img' a view of the block, the other (small) arrays copied out of it."""
+    block = self.blocks.get(shared.path)
+    if block is None:
+      fd = os.open(shared.path, os.O_RDWR)
+      try:
+        block = mmap.mmap(fd, 0)
+      finally:
+        os.close(fd)
+      os.unlink(shared.path)  # both processes map it now
+      self.blocks[shared.path] = block
+    batch = {
+      key: np.ndarray(shape, dtype, buffer=block, offset=_HEADER + offset).copy()
+      for key, dtype, shape, offset in shared.arrays
+    }
+    images = np.ndarray(shared.shape, np.uint8, buffer=block, offset=_HEADER)
+    weakref.finalize(images, _release, block)
+    batch['img'] = images
+    return batch
+
+
+_orphan_sweep_registered = []
+
+
+def _remove_orphan_blocks(pid: int):
+  for path in glob.glob(os.path.join(_SHM_DIR, f'{_BLOCK_PREFIX}_{pid}_*')):
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(path)
 
 
 class QueueBatch:
   """grain batch function: stacks the samples' arrays and decodes their queues' JPEGs (the 'img'
   entry, left undecoded by `TemporalQueue(decode_images=False)`) straight into the batch's image
-  array. In worker processes grain asks for shared-memory output, and the images are then
-  decoded into shared memory: no per-sample image array, no copy into the batch, none out of
-  the worker."""
+  array. In worker processes grain asks for shared-memory output: the whole batch is then
+  written into one reused `BatchBlocks` block, the images decoded in place, and sent as a
+  `SharedBatch` (no per-sample image array, no copy into the batch, none out of the worker, no
+  fresh pages, and none of grain's per-array shared-memory files)."""
 
   def __init__(self, divisor: int = 32):
     self.divisor = divisor
     self.shared_memory = False
+    self._blocks = None  # per worker process
+
+  def __getstate__(self):
+    return {'divisor': self.divisor, 'shared_memory': self.shared_memory, '_blocks': None}
 
   def enable_shared_memory_output(self):
     self.shared_memory = True
 
   def __call__(self, samples):
     queues = [s['img'] for s in samples]
-    h, w = jpeg_size(queues[0][0][0])
+    h, w = _frame_size(queues[0][0][0], 'sample 0 frame 0 camera 0')
     shape = (
       len(queues),
       len(queues[0]),
@@ -135,17 +276,60 @@ class QueueBatch:
       _pad_to(w, self.divisor),
       3,
     )
-    if self.shared_memory:
+    batch = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k != 'img'}
+    if self.shared_memory and BatchBlocks.supported():
+      if self._blocks is None:
+        self._blocks = BatchBlocks()
+      places, end = [], _pad_to(int(np.prod(shape)), 64)
+      for key, value in batch.items():
+        places.append((key, value.dtype.str, value.shape, end))
+        end = _pad_to(end + value.nbytes, 64)
+      path, data = self._blocks.take(end)
+      for (_, _, _, offset), value in zip(places, batch.values(), strict=True):
+        data[offset : offset + value.nbytes] = value.reshape(-1).view(np.uint8)
+      images = data[: int(np.prod(shape))].reshape(shape)
+      batch = SharedBatch(path, shape, tuple(places))
+    elif self.shared_memory:
       from grain.multiprocessing import SharedMemoryArray
 
-      images = SharedMemoryArray(shape, dtype=np.uint8)
+      images = batch['img'] = SharedMemoryArray(shape, dtype=np.uint8)
     else:
-      images = np.empty(shape, np.uint8)
+      images = batch['img'] = np.empty(shape, np.uint8)
     for b, queue in enumerate(queues):
       decode_queue(queue, self.divisor, images[b])
-    batch = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k != 'img'}
-    batch['img'] = images
     return batch
+
+
+class Loader:
+  """A grain DataLoader whose iterators turn `SharedBatch`es back into dicts of arrays.
+  `iter(loader)` has get_state() / set_state() for exact resumption."""
+
+  def __init__(self, loader: grain.DataLoader):
+    self.loader = loader
+
+  def __iter__(self):
+    return _LoaderIterator(iter(self.loader))
+
+
+class _LoaderIterator:
+  def __init__(self, iterator):
+    self.iterator = iterator
+    self.attached = _Attached()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.iterator)
+    if isinstance(batch, SharedBatch):
+      batch = self.attached.batch(batch)
+    return batch
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
 
 
 def queue_indices(index: int, rng: np.random.Generator, queue_length: int = 4) -> list[int]:
@@ -251,7 +435,9 @@ class TemporalQueue(grain.transforms.RandomMap):
   def random_map(self, index, rng: np.random.Generator) -> dict:
     cfg = self.config
     if self._source is None:
-      self._source = open_source(cfg.data_dir, cfg.name, cfg.split, decode_images=False)
+      self._source = open_source(
+        cfg.data_dir, cfg.name, cfg.split, decode_images=False, targets=TARGET_READS[cfg.target]
+      )
       self._history = open_source(
         cfg.data_dir, cfg.name, cfg.split, decode_images=False, targets=False
       )
@@ -281,8 +467,8 @@ class TemporalQueue(grain.transforms.RandomMap):
     return sample
 
 
-def make_loader(config: PipelineConfig, process_index: int = 0, process_count: int = 1):
-  """grain DataLoader over this process's shard of the split, shuffled by `config.seed`.
+def make_loader(config: PipelineConfig, process_index: int = 0, process_count: int = 1) -> Loader:
+  """A loader over this process's shard of the split, shuffled by `config.seed`.
 
   Iterating it gives batches of `config.batch_size` samples; `iter(loader)` has get_state() /
   set_state() for exact resumption.
@@ -299,7 +485,10 @@ def make_loader(config: PipelineConfig, process_index: int = 0, process_count: i
     num_epochs=config.num_epochs,
     seed=config.seed,
   )
-  return grain.DataLoader(
+  if config.worker_count and not _orphan_sweep_registered:
+    atexit.register(_remove_orphan_blocks, os.getpid())
+    _orphan_sweep_registered.append(True)
+  loader = grain.DataLoader(
     data_source=grain.sources.RangeDataSource(0, num_records, 1),
     sampler=sampler,
     operations=[
@@ -312,4 +501,7 @@ def make_loader(config: PipelineConfig, process_index: int = 0, process_count: i
     ],
     worker_count=config.worker_count,
     worker_buffer_size=config.worker_buffer_size,
+    # The data source yields record indices: reading threads would only contend for the GIL.
+    read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
   )
+  return Loader(loader)
