@@ -128,3 +128,15 @@ def test_fine_tune_from_a_pretraining_workdir_and_evaluate_miou(tfds_dir, tmp_pa
   result = json.loads((tmp_path / 'ft' / 'eval_val_step2.json').read_text())
   assert result['frames'] == 9 and 0 <= result['miou'] <= 100
   assert len(result['iou']) == 18 and 'driveable_surface' in result['table']
+
+
+def test_semantic_pretraining_trains_on_occ3d_and_evaluates_miou(tfds_dir, tmp_path):
+  cfg = pretrain.get_config('tiny,semantic')
+  assert cfg.data.target == 'occ3d' and cfg.model.num_classes == 18
+  assert cfg.loss.kind == 'focal' and cfg.loss.use_camera_mask
+  cfg.num_steps = 2
+  run = train.train_and_evaluate(cfg, str(tmp_path), str(tfds_dir))
+  assert len(run.metrics) == 2 and all(np.isfinite(m['loss_occ']) for m in run.metrics)
+  result = json.loads((tmp_path / 'eval_val_step2.json').read_text())
+  assert result['frames'] == 9 and 0 <= result['miou'] <= 100
+  assert len(result['iou']) == 18 and 'driveable_surface' in result['table']

@@ -4,6 +4,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uniscene_jax import metrics
 
@@ -52,3 +53,30 @@ def test_accumulation_equals_a_bincount_reference():
   np.testing.assert_array_equal(conf, want)
   iou = np.diag(want) / (want.sum(0) + want.sum(1) - np.diag(want))
   np.testing.assert_allclose(metrics.occ3d_miou(conf), np.nanmean(iou[:17]) * 100)
+
+
+def test_split_confusion_moves_counts_to_int64_before_int32_could_overflow():
+  gt, mask = _sample()
+  rng = np.random.default_rng(1)
+  frames = [rng.integers(0, 18, gt.shape).astype(np.uint8) for _ in range(5)]
+  want = np.zeros((18, 18), np.int64)
+  for pred in frames:
+    want += np.bincount(gt.astype(np.int64).ravel() * 18 + pred.ravel(), minlength=324).reshape(
+      18, 18
+    )
+  # A limit of 2.5 frames' voxels stands for int32's range: every third update flushes first.
+  conf = metrics.SplitConfusion(18, limit=int(2.5 * gt.size))
+  flushed = []
+  for pred in frames:
+    before = conf.host.sum()
+    (out,) = conf.update(
+      lambda c, p, g: (metrics.confusion_update(c, p, g), p.sum()), gt.size, pred, gt
+    )
+    assert int(out) == int(pred.sum())  # the update's other outputs come back
+    flushed.append(conf.host.sum() > before)
+    assert int(np.asarray(conf.device).sum()) <= conf.limit
+  assert flushed == [False, False, True, False, True]
+  np.testing.assert_array_equal(conf.total(), want)
+  assert conf.total().dtype == np.int64 and not np.asarray(conf.device).any()
+  with pytest.raises(ValueError, match='more than the limit'):
+    conf.update(None, conf.limit + 1)

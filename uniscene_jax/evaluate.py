@@ -10,6 +10,7 @@ written to <workdir>/eval_<split>_step<N>.json.
 """
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator
 
@@ -165,10 +166,10 @@ def evaluate(config, workdir: str, data_dir: str | None = None, step: int | None
     return evaluate_detection(config, model, variables, source, workdir, step)
   classes = config.model.num_classes
   update = jax.jit(make_confusion_update(config))
-  confusion = jnp.zeros((classes, classes), jnp.int32)
+  confusion = metrics.SplitConfusion(classes)
   for p in predict_frames(config, model, variables, source):
-    confusion, pred, target = update(confusion, p.logits, p.frame)
-  result = summarize(np.asarray(confusion), classes)
+    pred, target = confusion.update(update, math.prod(p.logits.shape[:-1]), p.logits, p.frame)
+  result = summarize(confusion.total(), classes)
   result.update(step=step, split=split, frames=len(source))
   sep = '\n' if '\n' in result['table'] else ' '
   print(f'{split} ({len(source)} frames, step {step}):{sep}{result["table"]}', flush=True)
