@@ -115,3 +115,76 @@ def test_dataset_command_writes_then_skips(small_world, tmp_path):
     assert f['mask_lidar'].sum() == 0
   assert ol.write_dataset_labels(dataroot, 'v1.0-mini') == (0, len(nusc.sample))
   assert ol.main(['--dataroot', dataroot, '--version', 'v1.0-trainval']) == 2
+
+
+def _own_gts(root, dst):
+  """A dataroot sharing the world's tables and scans (symlinks) with its own, empty gts/."""
+  dst.mkdir()
+  for entry in (root / 'nuscenes').iterdir():
+    if entry.name != 'gts':
+      (dst / entry.name).symlink_to(entry)
+  return str(dst)
+
+
+def _label_files(dataroot, nusc):
+  return {
+    s['token']: ol.label_path(dataroot, nusc.get('scene', s['scene_token'])['name'], s['token'])
+    for s in nusc.sample
+  }
+
+
+def test_dataset_command_worker_pool_writes_the_same_files(small_world, tmp_path):
+  root, nusc = small_world
+  one, two = _own_gts(root, tmp_path / 'one'), _own_gts(root, tmp_path / 'two')
+  for dataroot, workers in ((one, '1'), (two, '2')):  # '2': the spawned process pool
+    assert ol.main(['--dataroot', dataroot, '--version', 'v1.0-mini', '--workers', workers]) == 0
+  files_one, files_two = _label_files(one, nusc), _label_files(two, nusc)
+  for token, path in files_two.items():
+    with open(path, 'rb') as a, open(files_one[token], 'rb') as b:
+      assert a.read() == b.read(), token
+  token = nusc.sample[2]['token']
+  with np.load(files_two[token]) as f:
+    np.testing.assert_array_equal(f['semantics'], ol.SampleAggregator(nusc).labels(token))
+
+
+@pytest.mark.parametrize(
+  'flag', ['true_lidar_to_ego', 'drop_out_of_range', 'interval_range_over_size']
+)
+def test_dataset_command_flags_change_the_labels(small_world, tmp_path, capsys, flag):
+  root, nusc = small_world
+  dataroot = _own_gts(root, tmp_path / 'nuscenes')
+  argv = ['--dataroot', dataroot, '--version', 'v1.0-mini', '--workers', '1', f'--{flag}']
+  assert ol.main(argv) == 0
+  assert f'options: {flag}=True' in capsys.readouterr().out
+  agg = ol.SampleAggregator(nusc)
+  options = ol.LabelOptions(**{flag: True})
+  changed = 0
+  for token, path in _label_files(dataroot, nusc).items():
+    with np.load(path) as f:
+      assert sorted(f.files) == ['mask_camera', 'mask_lidar', 'semantics']
+      np.testing.assert_array_equal(f['semantics'], agg.labels(token, options))
+      changed += not np.array_equal(f['semantics'], agg.labels(token))
+  assert changed == len(nusc.sample)
+
+
+def test_builder_config_label_options(small_world, tmp_path):
+  import tensorflow_datasets as tfds
+
+  from data_builders.nuscenes_occ import nuscenes_occ_dataset_builder as nbuilder
+
+  root, nusc = small_world
+  ol.write_dataset_labels(str(root / 'nuscenes'), 'v1.0-mini')  # reference files, to be ignored
+  options = ol.LabelOptions(drop_out_of_range=True)
+  config = nbuilder.NuScenesOccConfig(
+    name='mini_drop', nuscenes_version='v1.0-mini', label_options=options
+  )
+  builder = nbuilder.Builder(data_dir=str(tmp_path), config=config)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  assert builder.info.config_description == 'labels: drop_out_of_range=True'
+  agg = ol.SampleAggregator(nusc)
+  records = [r for split in builder.info.splits for r in builder.as_data_source(split=split)]
+  assert len(records) == len(nusc.sample)
+  for r in records:
+    token = r['sample_token']
+    token = token.decode() if isinstance(token, bytes) else token
+    np.testing.assert_array_equal(r['occ_binary'], agg.labels(token, options))

@@ -14,6 +14,7 @@ predecessors at the previous indices. The devkit tables are read once on the dri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from uniscene_jax.data import nuscenes_records as records
+from uniscene_jax.data import occupancy_labels
 
 _OCC = (200, 200, 16)
 
@@ -48,9 +50,27 @@ and builds with --config=mini.
 
 
 class NuScenesOccConfig(tfds.core.BuilderConfig):
-  """A nuScenes release: `nuscenes_version` is its table folder."""
+  """A nuScenes release: `nuscenes_version` is its table folder.
 
-  def __init__(self, *, nuscenes_version: str, **kwargs):
+  `label_options` are the binary occupancy label choices (the reference's by default). Other options
+  need a config of their own name, e.g. `Builder(config=NuScenesOccConfig(name='mini_ego',
+  nuscenes_version='v1.0-mini', label_options=LabelOptions(true_lidar_to_ego=True)))`; they are
+  appended to the description (dataset_info.json), and the labels are then always computed, since
+  the label files on disk do not record the options that made them.
+  """
+
+  def __init__(
+    self,
+    *,
+    nuscenes_version: str,
+    label_options: occupancy_labels.LabelOptions | None = None,
+    **kwargs,
+  ):
+    self.label_options = label_options or occupancy_labels.LabelOptions()
+    if self.label_options != occupancy_labels.LabelOptions():
+      labels = 'labels: ' + occupancy_labels.describe_options(self.label_options)
+      description = kwargs.get('description')
+      kwargs['description'] = f'{description}; {labels}' if description else labels
     super().__init__(**kwargs)
     self.nuscenes_version = nuscenes_version
 
@@ -146,8 +166,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return super()._download_and_prepare(dl_manager, download_config)
 
   def _split_generators(self, dl_manager):
+    options = self.builder_config.label_options
     planner = records.SplitPlanner(
-      os.fspath(dl_manager.manual_dir), self.builder_config.nuscenes_version
+      os.fspath(dl_manager.manual_dir), self.builder_config.nuscenes_version, options
     )
     left_out = planner.unassigned_scenes()
     if left_out:
@@ -155,6 +176,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     splits = {}
     for split in ('train', 'val'):
       items = planner.plan(split)
+      if options != occupancy_labels.LabelOptions():
+        # A precomputed file may hold other options' labels (the reference's, say): recompute.
+        items = [
+          dataclasses.replace(
+            item,
+            label_path=None,
+            label_job=item.label_job or planner.aggregator.job(item.sample_token),
+          )
+          for item in items
+        ]
       if not items:
         continue  # e.g. a world with only training scenes
       splits[split] = self._generate_examples(items, split, dl_manager)

@@ -12,10 +12,12 @@ moved between frames with float32 rounding after every step, as the reference do
 bit-identical to it.
 
     python -m uniscene_jax.data.occupancy_labels --dataroot DIR/nuscenes [--version v1.0-mini] \
-        [--workers N] [--overwrite]
+        [--workers N] [--overwrite] [--num_sweeps 2] [--true_lidar_to_ego] [--drop_out_of_range] \
+        [--interval_range_over_size]
 
 writes `gts/<scene>/<sample>/labels_binary_sweep2.npz` (semantics; all-zero masks) for every key
-frame, skipping files already written.
+frame, skipping files already written. The file does not record the options it was made with (the
+reference's layout); the command prints them.
 """
 
 import argparse
@@ -43,6 +45,16 @@ class LabelOptions:
   true_lidar_to_ego: bool = False  # label in the ego frame with the real calibration
   drop_out_of_range: bool = False  # drop points beyond the grid instead of clipping them in
   interval_range_over_size: bool = False  # 0.512 m cells instead of range / (size - 1)
+
+
+def describe_options(options: LabelOptions) -> str:
+  """The options that differ from the reference's, e.g. 'drop_out_of_range=True', or 'reference'."""
+  changed = [
+    f'{f.name}={getattr(options, f.name)}'
+    for f in dataclasses.fields(LabelOptions)
+    if getattr(options, f.name) != f.default
+  ]
+  return ', '.join(changed) or 'reference'
 
 
 def voxel_downsample(xyz: np.ndarray, voxel: float = VOXEL) -> np.ndarray:
@@ -319,9 +331,39 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description='Writes UniScene binary occupancy labels.')
   p.add_argument('--dataroot', required=True, help='the nuScenes dataroot (holds v1.0-*/)')
   p.add_argument('--version', default='v1.0-trainval')
-  p.add_argument('--num_sweeps', type=int, default=2)
+  p.add_argument(
+    '--num_sweeps',
+    type=int,
+    default=2,
+    help='key frames aggregated on each side of the labelled one, with the sweeps between them '
+    '(reference: 2)',
+  )
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
   p.add_argument('--overwrite', action='store_true', help='recompute files already written')
+  fixes = p.add_argument_group(
+    'departures from the reference',
+    'Off by default, which reproduces the reference bit for bit. Files written with them replace '
+    'the reference labels at the same path and do not record the options.',
+  )
+  fixes.add_argument(
+    '--true_lidar_to_ego',
+    action='store_true',
+    help="label in the ego frame, moved there with the key frame's lidar calibration (rotation "
+    'and translation); the reference applies only the fixed rotation (x, y, z) -> (y, -x, z), so '
+    'its grid is centred on the lidar, about 0.94 m ahead of and 1.84 m above the ego origin',
+  )
+  fixes.add_argument(
+    '--drop_out_of_range',
+    action='store_true',
+    help='drop points outside the grid [-51.2, 51.2) x [-51.2, 51.2) x [-5, 3); the reference '
+    'clips them into the boundary cells',
+  )
+  fixes.add_argument(
+    '--interval_range_over_size',
+    action='store_true',
+    help='cells of range / size (0.512 x 0.512 x 0.5 m); the reference uses range / (size - 1) '
+    '(0.5146 x 0.5146 x 0.5333 m)',
+  )
   args = p.parse_args(argv)
   if not os.path.isdir(os.path.join(args.dataroot, args.version)):
     print(
@@ -329,14 +371,24 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 2
-  written, skipped = write_dataset_labels(
-    args.dataroot,
-    args.version,
-    LabelOptions(num_sweeps=args.num_sweeps),
-    args.workers,
-    args.overwrite,
+  options = LabelOptions(
+    num_sweeps=args.num_sweeps,
+    true_lidar_to_ego=args.true_lidar_to_ego,
+    drop_out_of_range=args.drop_out_of_range,
+    interval_range_over_size=args.interval_range_over_size,
   )
-  print(f'wrote {written} label files, skipped {skipped} already present')
+  written, skipped = write_dataset_labels(
+    args.dataroot, args.version, options, args.workers, args.overwrite
+  )
+  print(
+    f'wrote {written} label files (options: {describe_options(options)}), '
+    f'skipped {skipped} already present'
+  )
+  if skipped and options != LabelOptions():
+    print(
+      'warning: the skipped files were kept whatever options made them; --overwrite recomputes',
+      file=sys.stderr,
+    )
   return 0
 
 
