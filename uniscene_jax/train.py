@@ -453,8 +453,8 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
   source: a PyTorch .pth (FCOS3D, BEVFormer or UniScene; mapped by the reference's key names) or
   a workdir (its latest checkpoint; tensors of the same path). Tensors whose path contains any of
   `fresh` (config.init_fresh: new layers, such as a class layer of another width) are not loaded;
-  any other tensor whose shape differs is an error naming it. What was loaded, kept and skipped
-  is printed.
+  any other tensor whose shape differs is an error naming it, and so is a .pth of which (almost)
+  nothing maps onto the model. What was loaded, kept and skipped is printed.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
   if not os.path.exists(source):
@@ -463,7 +463,7 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
     from uniscene_jax.convert import from_torch
 
     state_dict = from_torch.load_state_dict(source)
-    variables, report = from_torch.variables_from_state_dict(state_dict, variables, fresh)
+    variables, report = from_torch.variables_from_state_dict(state_dict, variables, fresh, source)
     print(f'init_from {source}: {report.summary()}')
     for key, reason in sorted(report.skipped.items()):
       if not key.endswith('num_batches_tracked'):

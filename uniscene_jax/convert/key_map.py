@@ -23,6 +23,10 @@ import numpy as np
 
 # Flax module names whose PyTorch attribute is not '<name>.<index>'.
 RENAMES = {'can_bus_mlp_norm': 'can_bus_mlp.norm'}
+# Prefixes of this project's keys -> the same modules in an mmdet3d single-stage detector (a raw
+# FCOS3D `FCOSMono3D` checkpoint: `backbone.`, `neck.`, `bbox_head.` instead of the multi-view
+# detectors' `img_backbone.`, `img_neck.`, `pts_bbox_head.`). Its head has no counterpart here.
+SINGLE_STAGE_PREFIXES = {'img_backbone.': 'backbone.', 'img_neck.': 'neck.'}
 _INDEX = re.compile(r'_(\d+)(?=_|$)')
 # Flax kernel leaves (transposed to PyTorch) and the names of their PyTorch tensors.
 _KERNEL_LEAVES = {'kernel': 'weight', 'in_proj_kernel': 'in_proj_weight'}
