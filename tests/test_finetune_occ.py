@@ -130,6 +130,19 @@ def test_fine_tune_from_a_pretraining_workdir_and_evaluate_miou(tfds_dir, tmp_pa
   assert len(result['iou']) == 18 and 'driveable_surface' in result['table']
 
 
+def test_warm_start_from_a_workdir_of_another_model_names_it(tmp_path):
+  ckpt = Checkpoints(str(tmp_path / 'other'))
+  ckpt.save(
+    3,
+    {'step': np.int32(3), 'params': {'encoder': {'kernel': np.ones((2, 2), np.float32)}}},
+    force=True,
+  )
+  ckpt.close()
+  fresh = _tiny_variables(finetune_occ.get_config('tiny'), 1)
+  with pytest.raises(ValueError, match=r"init_from=.*other'.*step 3.*encoder/kernel"):
+    train.warm_start(str(tmp_path / 'other'), fresh['params'], fresh['batch_stats'])
+
+
 def test_semantic_pretraining_trains_on_occ3d_and_evaluates_miou(tfds_dir, tmp_path):
   cfg = pretrain.get_config('tiny,semantic')
   assert cfg.data.target == 'occ3d' and cfg.model.num_classes == 18

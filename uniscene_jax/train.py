@@ -454,7 +454,8 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
   a workdir (its latest checkpoint; tensors of the same path). Tensors whose path contains any of
   `fresh` (config.init_fresh: new layers, such as a class layer of another width) are not loaded;
   any other tensor whose shape differs is an error naming it, and so is a .pth of which (almost)
-  nothing maps onto the model. What was loaded, kept and skipped is printed.
+  nothing maps onto the model, or a workdir of which no parameter does. What was loaded, kept and
+  skipped is printed.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
   if not os.path.exists(source):
@@ -495,6 +496,13 @@ def warm_start(source: str, params, batch_stats, fresh: tuple[str, ...] = ()):
         )
       flat[k] = jnp.asarray(src, v.dtype)
     unused = sorted(set(flat_src) - set(flat))
+    if name == 'params' and len(kept) == len(flat):
+      found = ', '.join(sorted(flat_src)[:4]) or 'no parameters'
+      raise ValueError(
+        f"config.init_from={source!r}: none of the checkpoint's parameters (step {step}) has "
+        f'a place in this model, which expects e.g. {next(iter(flat), "")}; the checkpoint '
+        f'has {found}: is it a run of another model?'
+      )
     print(
       f'init_from {source} (step {step}) {name}: {len(flat) - len(kept)} loaded, '
       f'{len(kept)} kept as initialised, {len(unused)} in the checkpoint skipped'
