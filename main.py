@@ -4,6 +4,8 @@ r"""Entry point: pre-training, fine-tuning and evaluation.
         [--mode=train|eval] [--config.field=value ...]
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,7 +30,10 @@ def main(argv):
   if FLAGS.mode == 'train':
     from uniscene_jax import train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.data_dir)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.data_dir)
+    except train.NonFiniteError as e:
+      sys.exit(f'error: {e}')
   else:
     from uniscene_jax import evaluate
 

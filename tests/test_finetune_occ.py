@@ -141,15 +141,3 @@ def test_warm_start_from_a_workdir_of_another_model_names_it(tmp_path):
   fresh = _tiny_variables(finetune_occ.get_config('tiny'), 1)
   with pytest.raises(ValueError, match=r"init_from=.*other'.*step 3.*encoder/kernel"):
     train.warm_start(str(tmp_path / 'other'), fresh['params'], fresh['batch_stats'])
-
-
-def test_semantic_pretraining_trains_on_occ3d_and_evaluates_miou(tfds_dir, tmp_path):
-  cfg = pretrain.get_config('tiny,semantic')
-  assert cfg.data.target == 'occ3d' and cfg.model.num_classes == 18
-  assert cfg.loss.kind == 'focal' and cfg.loss.use_camera_mask
-  cfg.num_steps = 2
-  run = train.train_and_evaluate(cfg, str(tmp_path), str(tfds_dir))
-  assert len(run.metrics) == 2 and all(np.isfinite(m['loss_occ']) for m in run.metrics)
-  result = json.loads((tmp_path / 'eval_val_step2.json').read_text())
-  assert result['frames'] == 9 and 0 <= result['miou'] <= 100
-  assert len(result['iou']) == 18 and 'driveable_surface' in result['table']

@@ -139,18 +139,41 @@ def test_devices_and_processes_agree(tmp_path):
     np.testing.assert_allclose(multi[k], single[k], rtol=2e-4, atol=2e-6)
 
 
-def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, monkeypatch):
   def run(workdir, steps, evaluate=False):
     cfg = pretrain.get_config('tiny')
     cfg.num_steps = steps
     cfg.checkpoint_every_steps = 2
-    cfg.log_every_steps = 1
+    cfg.log_every_steps = 3  # steps 1, 2 and 4 are checked one step late, or before their save
     cfg.eval_at_end = evaluate
     cfg.eval_every_steps = 3 if evaluate else 0
     return train.train_and_evaluate(cfg, str(workdir), str(tfds_dir))
 
   full = run(tmp_path / 'full', 4, evaluate=True)
-  run(tmp_path / 'cut', 2)
+  assert [m['step'] for m in full.metrics] == [1, 2, 3, 4]
+
+  # The interrupted run: its 4th batch is poisoned (NaN CAN bus), so the run stops at step 4 and
+  # keeps the checkpoint of step 2; step 4 (a save step) is never saved.
+  from uniscene_jax import sharding
+
+  device_batch, calls = sharding.device_batch, []
+
+  def poison_fourth(batch, mesh):
+    calls.append(1)
+    if len(calls) == 4:
+      batch = {**batch, 'can_bus': np.full_like(batch['can_bus'], np.nan)}
+    return device_batch(batch, mesh)
+
+  monkeypatch.setattr(sharding, 'device_batch', poison_fourth)
+  with pytest.raises(train.NonFiniteError, match='step 4: loss or gradients are not finite'):
+    run(tmp_path / 'cut', 5)
+  monkeypatch.setattr(sharding, 'device_batch', device_batch)
+  from uniscene_jax.checkpoint import Checkpoints
+
+  assert Checkpoints(str(tmp_path / 'cut')).all_steps() == [2]
+  kept = json.loads((tmp_path / 'cut' / 'metrics.json').read_text())
+  assert [m['step'] for m in kept] == [1, 2, 3]
+
   resumed = run(tmp_path / 'cut', 4)
   assert [m['step'] for m in resumed.metrics] == [3, 4]
   np.testing.assert_allclose(
@@ -170,7 +193,5 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
   # ... and at step 3 on the way (eval_every_steps), from a checkpoint saved for it.
   mid = json.loads((tmp_path / 'full' / 'eval_val_step3.json').read_text())
   assert mid['step'] == 3 and mid['frames'] == 9
-  from uniscene_jax.checkpoint import Checkpoints
-
   assert 3 in Checkpoints(str(tmp_path / 'full')).all_steps()  # not on checkpoint_every_steps
   assert not (tmp_path / 'cut' / 'eval_val_step4.json').exists()

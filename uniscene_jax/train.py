@@ -354,42 +354,54 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
   history, pending = [], None
   t0, t0_step = time.time(), step
   eval_every = config.get('eval_every_steps', 0)
-  while step < total_steps:
-    batch = sharding.device_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    # Metrics are read one step late, so the host never waits on the step it just dispatched.
+  try:
+    while step < total_steps:
+      batch = sharding.device_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      # Metrics are read one step late, so the host never waits on the step it just dispatched.
+      if pending is not None:
+        history.append(_check(*pending))
+      pending = (step, metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        history.append(_check(*pending))
+        pending = None
+        m = history[-1]
+        rate = (step - t0_step) / max(time.time() - t0, 1e-9)
+        t0, t0_step = time.time(), step
+        writer.scalars(
+          step,
+          {
+            **{f'train/{k}': v for k, v in m.items() if 'loss' in k},
+            'train/grad_norm': m['grad_norm'],
+            'train/lr': float(lr(step - 1)),
+            'train/steps_per_second': rate,
+            'train/samples_per_second': rate * config.batch_size,
+          },
+        )
+        bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
+      bar.update(1)
+      periodic = eval_every and step % eval_every == 0 and step < total_steps
+      if periodic or step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if pending is not None:  # a checkpoint only of a step known to be finite
+          history.append(_check(*pending))
+          pending = None
+        ckpt.save(step, state, data_iter.get_state(), force=True)
+      if periodic:
+        ckpt.wait()
+        if main_process:
+          _evaluate(config, workdir, data_dir, step, writer)
     if pending is not None:
       history.append(_check(*pending))
-    pending = (step, metrics)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      history.append(_check(*pending))
-      pending = None
-      m = history[-1]
-      rate = (step - t0_step) / max(time.time() - t0, 1e-9)
-      t0, t0_step = time.time(), step
-      writer.scalars(
-        step,
-        {
-          **{f'train/{k}': v for k, v in m.items() if 'loss' in k},
-          'train/grad_norm': m['grad_norm'],
-          'train/lr': float(lr(step - 1)),
-          'train/steps_per_second': rate,
-          'train/samples_per_second': rate * config.batch_size,
-        },
-      )
-      bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
-    bar.update(1)
-    periodic = eval_every and step % eval_every == 0 and step < total_steps
-    if periodic or step % config.checkpoint_every_steps == 0 or step == total_steps:
-      ckpt.save(step, state, data_iter.get_state(), force=True)
-    if periodic:
-      ckpt.wait()
-      if main_process:
-        _evaluate(config, workdir, data_dir, step, writer)
+  except NonFiniteError:
+    # The failed step was not applied and no checkpoint holds it (a step's metrics are checked
+    # before it is saved): finish any save in flight, keep the metrics so far, stop.
+    bar.close()
+    ckpt.close()
+    writer.close()
+    write_json(os.path.join(workdir, 'metrics.json'), history)
+    raise
   bar.close()
-  if pending is not None:
-    history.append(_check(*pending))
   ckpt.close()
   writer.flush()
   write_json(os.path.join(workdir, 'metrics.json'), history)
