@@ -128,6 +128,28 @@ def test_batches_hold_the_queue(config, synthetic_world_dir):
       )
 
 
+def test_record_reader_decodes_as_tfds(config):
+  import tensorflow_datasets as tfds
+
+  keys = tuple(tfds.builder(config.name, data_dir=config.data_dir).info.features)
+  assert len(keys) == 23  # every feature of the contract, of each kind
+  for split in ('train', 'val'):
+    want = ip.open_source(config.data_dir, config.name, split, decode_images=False)
+    got = ip.RecordReader(config.data_dir, config.name, split, keys)
+    assert len(got) == len(want) > 0
+    for i in range(len(want)):
+      a, b = want[i], got[i]
+      for k in keys:
+        if isinstance(a[k], np.ndarray):
+          assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
+          np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+          assert type(a[k]) is type(b[k]) and list(np.ravel(a[k])) == list(np.ravel(b[k])), k
+    assert got[0]['occ_binary'].any() and len(got[0]['images']) == 6
+  with pytest.raises(ValueError, match=r"no feature 'occ_flow'"):
+    ip.RecordReader(config.data_dir, config.name, 'train', ('images', 'occ_flow'))
+
+
 def test_same_seed_same_batches_and_exact_resume(config):
   def tokens(it, n):
     return [tuple(next(it)['sample_token']) for _ in range(n)]
