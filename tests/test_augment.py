@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.reference.augment_reference import grid_mask_reference, photometric_reference
 from uniscene_jax.data import augment
 
 
@@ -19,28 +20,6 @@ def test_hsv_round_trip_matches_opencv():
   np.testing.assert_allclose(back, cv2.cvtColor(want, cv2.COLOR_HSV2BGR), atol=2e-3, rtol=1e-5)
 
 
-def _photometric_reference(img, p):
-  """mmdet3d's PhotoMetricDistortion on one float32 BGR image, with the draws given."""
-  img = img.copy()
-  if p['brightness_on']:
-    img += p['brightness']
-  if p['contrast_on'] and not p['contrast_last']:
-    img *= p['contrast']
-  img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-  if p['saturation_on']:
-    img[..., 1] *= p['saturation']
-  if p['hue_on']:
-    img[..., 0] += p['hue']
-    img[..., 0][img[..., 0] > 360] -= 360
-    img[..., 0][img[..., 0] < 0] += 360
-  img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
-  if p['contrast_on'] and p['contrast_last']:
-    img *= p['contrast']
-  if p['swap_on']:
-    img = img[..., p['permutation']]
-  return img
-
-
 def test_photometric_distortion_matches_the_reference_steps():
   rng = np.random.default_rng(1)
   img = rng.uniform(0, 255, (3, 4, 16, 24, 3)).astype(np.float32)
@@ -50,30 +29,16 @@ def test_photometric_distortion_matches_the_reference_steps():
   for i in range(3):
     for j in range(4):
       p = {k: v[i, j] for k, v in params.items()}
-      np.testing.assert_allclose(out[i, j], _photometric_reference(img[i, j], p), atol=0.05)
+      np.testing.assert_allclose(out[i, j], photometric_reference(img[i, j], p), atol=0.05)
   # The draws vary: every switch is on for some images and off for others.
   for k in ('brightness_on', 'contrast_on', 'hue_on', 'swap_on'):
     assert 0 < params[k].mean() < 1
 
 
-def _grid_mask_reference(d, st_h, st_w, h, w, ratio=0.5):
-  hh, ww = int(1.5 * h), int(1.5 * w)
-  band = min(max(int(ratio * d + 0.5), 1), d - 1)
-  mask = np.ones((hh, ww), np.float32)
-  for i in range(hh // d):
-    s = d * i + st_h
-    mask[s : min(s + band, hh), :] = 0
-  for i in range(ww // d):
-    s = d * i + st_w
-    mask[:, s : min(s + band, ww)] = 0
-  mask = mask[(hh - h) // 2 : (hh - h) // 2 + h, (ww - w) // 2 : (ww - w) // 2 + w]
-  return 1 - mask
-
-
 def test_grid_mask_matches_the_literal_algorithm():
   for d, st_h, st_w in [(2, 0, 1), (7, 3, 6), (100, 99, 0), (927, 500, 12), (64, 0, 0)]:
     got = np.asarray(augment.grid_mask_pattern(jnp.int32(d), st_h, st_w, (928, 1600)))
-    np.testing.assert_array_equal(got, _grid_mask_reference(d, st_h, st_w, 928, 1600))
+    np.testing.assert_array_equal(got, grid_mask_reference(d, st_h, st_w, 928, 1600))
   masks = np.stack(
     [np.asarray(augment.grid_mask(k, (96, 160))) for k in jax.random.split(jax.random.key(2), 60)]
   )
