@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from uniscene_jax.models.remat import checkpointed_call, recompute, sequential_call
+from uniscene_jax.ops import conv as conv_ops
 from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), mmdet's ResNet conv init.
@@ -90,6 +91,7 @@ class ModulatedDeformConv(nn.Module):
       kernel_dilation=self.dilation,
       kernel_init=nn.initializers.zeros,
       dtype=self.dtype,
+      conv_general_dilated=conv_ops.conv_general_dilated,
       name='conv_offset',
     )(x)
     offset = offset_mask[..., : 2 * k * k]
@@ -125,7 +127,13 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out, dtype=self.dtype)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      kernel_init=kaiming_fan_out,
+      dtype=self.dtype,
+      conv_general_dilated=conv_ops.conv_general_dilated,  # a fast backward inside the remat loop
+    )
     bn = functools.partial(FrozenBatchNorm, dtype=self.dtype)
     out = conv(self.planes, (1, 1), strides=self.stride, padding='VALID', name='conv1')(x)
     out = nn.relu(bn(name='bn1')(out))
@@ -241,9 +249,9 @@ class ResNet(nn.Module):
       ]
       # Frozen stages run no backward, so there is nothing to recompute there. With remat the
       # blocks after the first run as one lax.scan (compiled once, one block's backward live at
-      # a time: base float32 peak 11.8 GB instead of 30 GB unrolled); without, unrolled, because
-      # XLA:CPU runs the convolutions' backward inside a loop far slower (17x for R101 at
-      # 6 x 224 x 416).
+      # a time: base float32 peak 11.8 GB instead of 30 GB unrolled); their convolutions'
+      # backward is written out (ops.conv), since autodiff's runs 30x slower in a loop on
+      # XLA:CPU.
       recompute = cfg.remat and s >= cfg.frozen_stages
       x = checkpointed_call(self, stage[0], x) if recompute else stage[0](x)
       if recompute and blocks > 1:
