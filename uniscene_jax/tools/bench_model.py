@@ -356,6 +356,7 @@ def _torch_run(spec) -> dict:
       twin(img, lidar2img, ego2lidar, can, exists)
 
   result = {'threads': torch.get_num_threads(), 'mode': 'train step'}
+  train_error = None
   try:
     t0 = time.perf_counter()
     result['loss'] = train_step()
@@ -364,12 +365,15 @@ def _torch_run(spec) -> dict:
   except (MemoryError, RuntimeError) as e:
     if not _out_of_memory(e):
       raise
+    train_error = _describe(e)
+  if train_error is not None:
+    # Outside the except clause: the exception's traceback held the failed step's tensors.
     opt.zero_grad(set_to_none=True)
     gc.collect()
     result = {
       'threads': torch.get_num_threads(),
       'mode': 'forward only',
-      'train_error': _describe(e),
+      'train_error': train_error,
     }
     t0 = time.perf_counter()
     forward_only()
