@@ -393,18 +393,14 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
           _evaluate(config, workdir, data_dir, step, writer)
     if pending is not None:
       history.append(_check(*pending))
-  except NonFiniteError:
-    # The failed step was not applied and no checkpoint holds it (a step's metrics are checked
-    # before it is saved): finish any save in flight, keep the metrics so far, stop.
+  finally:
+    # Also when a step is not finite (NonFiniteError): that step was not applied and no
+    # checkpoint holds it (a step's metrics are checked before it is saved), so finishing the
+    # save in flight and keeping the metrics so far leaves a run that resumes cleanly.
     bar.close()
     ckpt.close()
-    writer.close()
+    writer.flush()
     write_json(os.path.join(workdir, 'metrics.json'), history)
-    raise
-  bar.close()
-  ckpt.close()
-  writer.flush()
-  write_json(os.path.join(workdir, 'metrics.json'), history)
   if config.eval_at_end and main_process:
     _evaluate(config, workdir, data_dir, step, writer)
   writer.close()

@@ -70,19 +70,19 @@ def conv_general_dilated(
     and preferred_element_type is None
     and pads is not None
   )
-  if not simple:
+  if not simple:  # lax's own, same arguments in the same order
     return lax.conv_general_dilated(
       lhs,
       rhs,
       window_strides,
       padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision,
+      preferred_element_type,
     )
   return conv2d(lhs, rhs, pads, precision)
 
