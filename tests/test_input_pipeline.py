@@ -313,5 +313,20 @@ def test_image_blocks_are_reused_once_the_consumer_lets_go():
   assert len(fn._blocks.blocks) == 3
   fn(samples(1))  # another shape: another block
   assert len(fn._blocks.blocks) == 4
+
+  # A block is refilled without clearing its padding only after a batch of the same images.
+  def sized(h):
+    image = rng.integers(0, 256, (h, 70, 3), dtype=np.uint8)
+    return [{'img': ((cv2.imencode('.jpg', image)[1].tobytes(),),), 'can_bus': np.zeros(2)}]
+
+  small, paths = sized(40), set()
+  for batch_samples in (sized(50), small, small):  # 50 and 40 rows both pad to 64
+    batch = fn(batch_samples)
+    paths.add(batch.path)
+    got = attached.batch(batch)['img']
+    np.testing.assert_array_equal(got[0], ip.decode_queue(batch_samples[0]['img'], 32))
+    del got
+    gc.collect()
+  assert len(paths) == 1  # one block, reused
   fn._blocks.close()
-  assert not any(os.path.exists(path) for path, _ in fn._blocks.blocks)
+  assert not any(os.path.exists(path) for path, *_ in fn._blocks.blocks)

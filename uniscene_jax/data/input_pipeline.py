@@ -156,12 +156,15 @@ def _frame_size(blob: bytes, where: str) -> tuple[int, int]:
     raise ValueError(f'{where}: undecodable JPEG (no frame header)') from None
 
 
-def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) -> np.ndarray:
+def decode_queue(
+  jpegs: list, divisor: int = 32, out: np.ndarray | None = None, zero_padding: bool = True
+) -> np.ndarray:
   """T frames of N JPEGs -> [T, N, H_pad, W_pad, 3] uint8 BGR, zero-padded bottom/right.
 
   Each image is decoded once, into its place in `out` (allocated when None; e.g. a slice of a
   batch in shared memory): straight into it when the width needs no padding, else through one
-  reused scratch image.
+  reused scratch image. `zero_padding=False` leaves the padding of `out` as it is (for an `out`
+  known to hold zeros there).
   """
   h, w = _frame_size(jpegs[0][0], 'frame 0 camera 0')
   shape = (len(jpegs), len(jpegs[0]), _pad_to(h, divisor), _pad_to(w, divisor), 3)
@@ -169,8 +172,9 @@ def decode_queue(jpegs: list, divisor: int = 32, out: np.ndarray | None = None) 
     out = np.empty(shape, np.uint8)
   elif out.shape != shape or out.dtype != np.uint8:
     raise ValueError(f'decode_queue: out is {out.dtype}{list(out.shape)}, the queue needs {shape}')
-  out[:, :, h:] = 0
-  out[:, :, :h, w:] = 0
+  if zero_padding:
+    out[:, :, h:] = 0
+    out[:, :, :h, w:] = 0
   scratch = None if out[0, 0, :h, :w].flags.c_contiguous else np.empty((h, w, 3), np.uint8)
   for t, frame in enumerate(jpegs):  # T x N = 24 images
     for n, blob in enumerate(frame):
@@ -213,15 +217,20 @@ class BatchBlocks:
   """
 
   def __init__(self):
-    self.blocks = []  # (path, mmap)
+    self.blocks = []  # [path, mmap, layout of its last batch]
     atexit.register(self.close)
 
-  def take(self, nbytes: int) -> tuple[str, np.ndarray]:
-    """A free block of `nbytes` (after the header), marked busy: (path, its bytes)."""
+  def take(self, nbytes: int, layout=None) -> tuple[str, np.ndarray, bool]:
+    """A free block of `nbytes` (after the header), marked busy: (path, its bytes, whether it
+    is new (all zeros) or last held a batch of the same `layout`, so that whatever that batch
+    left untouched, such as image padding, is still zero)."""
     size = _HEADER + nbytes
-    free = [(path, block) for path, block in self.blocks if len(block) == size and block[0] == 0]
+    free = [entry for entry in self.blocks if len(entry[1]) == size and entry[1][0] == 0]
+    same = [entry for entry in free if entry[2] == layout]
     if free:
-      path, block = free[0]
+      entry = (same or free)[0]
+      path, block, untouched = entry[0], entry[1], bool(same)
+      entry[2] = layout
     else:
       path = os.path.join(_SHM_DIR, f'{_BLOCK_PREFIX}_{os.getppid()}_{uuid.uuid4().hex}')
       fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -230,12 +239,13 @@ class BatchBlocks:
         block = mmap.mmap(fd, size)
       finally:
         os.close(fd)
-      self.blocks.append((path, block))
+      self.blocks.append([path, block, layout])
+      untouched = True  # a new file reads as zeros
     block[0] = 1
-    return path, np.frombuffer(block, np.uint8, nbytes, _HEADER)
+    return path, np.frombuffer(block, np.uint8, nbytes, _HEADER), untouched
 
   def close(self):
-    for path, _ in self.blocks:
+    for path, _, _ in self.blocks:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -323,7 +333,10 @@ class QueueBatch:
       for key, value in batch.items():
         places.append((key, value.dtype.str, value.shape, end))
         end = _pad_to(end + value.nbytes, 64)
-      path, data = self._blocks.take(end)
+      # Only the images' pixels are ever written in their part of a block: one that held a
+      # batch of this shape (or none) has zero padding already, 3 MB a sample at 1600 x 900.
+      path, data, clean = self._blocks.take(end, (shape, h, w))
+      zero_padding = not clean
       for (_, _, _, offset), value in zip(places, batch.values(), strict=True):
         data[offset : offset + value.nbytes] = value.reshape(-1).view(np.uint8)
       images = data[: int(np.prod(shape))].reshape(shape)
@@ -332,10 +345,12 @@ class QueueBatch:
       from grain.multiprocessing import SharedMemoryArray
 
       images = batch['img'] = SharedMemoryArray(shape, dtype=np.uint8)
+      zero_padding = True
     else:
       images = batch['img'] = np.empty(shape, np.uint8)
+      zero_padding = True
     for b, queue in enumerate(queues):
-      decode_queue(queue, self.divisor, images[b])
+      decode_queue(queue, self.divisor, images[b], zero_padding)
     return batch
 
 
