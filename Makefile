@@ -8,8 +8,9 @@ install:
 	$(PYTHON) -m pip install --no-deps -r requirements-nodeps.txt
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 
+# Tests run in parallel, one worker per core (at most 4), handed out one or two at a time.
 test:
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --maxprocesses=4 --maxschedchunk=2
 
 lint:
 	$(PYTHON) -m ruff check .

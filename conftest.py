@@ -3,16 +3,34 @@
 import os
 import tempfile
 
-import jax
-import pytest
+# Tests compile many small programs and run each a few times: LLVM's optimisation passes would
+# take more of the suite's time than running the code they optimise. Set before jax starts its
+# backend; subprocesses inherit it (tests that set XLA_FLAGS for a subprocess append to it).
+os.environ['XLA_FLAGS'] = ' '.join(
+  filter(None, (os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0'))
+)
 
-from uniscene_jax.data import synthetic_world
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from uniscene_jax.data import synthetic_world  # noqa: E402
 
 # Tests compile the same small models many times (each train run builds its own jit): a
 # compilation cache for this session makes the repeats cheap. Subprocesses inherit it.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked slow(seconds=N) run first, longest first: with parallel workers (`make test`)
+  the long ones then overlap each other and the short ones fill in around them."""
+
+  def seconds(item):
+    mark = item.get_closest_marker('slow')
+    return -float(mark.kwargs.get('seconds', 10)) if mark else 0.0
+
+  items.sort(key=seconds)  # stable: the rest keep their collection order
 
 
 @pytest.fixture(scope='session')

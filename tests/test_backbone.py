@@ -206,6 +206,7 @@ def test_small_backbone_and_neck_gradients_match_torch(twin):
   assert checked >= 20
 
 
+@pytest.mark.slow(seconds=30)
 def test_bfloat16_and_remat_variants(twin):
   model, variables, _, img = twin
   ref = jax.jit(model.apply)(variables, img)

@@ -47,5 +47,6 @@ assert len(out["x"].addressable_shards) == 4 and out["x"].addressable_shards[1].
 total = jax.jit(lambda x: x.sum(0), out_shardings=sharding.replicated(mesh))(out["x"])
 np.testing.assert_array_equal(total, batch["x"].sum(0))
 """
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4'
+  env = {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120, env={**os.environ, **env})

@@ -56,6 +56,7 @@ def _tiny_det(image=(60, 90), bev=20):
   return cfg
 
 
+@pytest.mark.slow(seconds=35)
 def test_detection_step_compiles_once_and_fits_one_batch():
   cfg = _tiny_det()
   mc = models.model_config_from(cfg)
@@ -104,6 +105,7 @@ def test_detection_step_compiles_once_and_fits_one_batch():
   assert loss[-1] < 0.8 * loss[0], loss  # it fits the one batch
 
 
+@pytest.mark.slow(seconds=45)
 def test_detection_evaluation_writes_results_and_devkit_metrics(
   tfds_dir, synthetic_world_dir, tmp_path
 ):

@@ -106,6 +106,7 @@ def test_warm_start_from_a_pth_keeps_the_new_class_layer_fresh(tmp_path):
     train.warm_start(path, fresh['params'], fresh['batch_stats'])
 
 
+@pytest.mark.slow(seconds=60)
 def test_fine_tune_from_a_pretraining_workdir_and_evaluate_miou(tfds_dir, tmp_path, capsys):
   # A pre-training workdir: a checkpoint of the tiny pre-training model's state.
   pretrained = _tiny_variables(pretrain.get_config('tiny'), 0)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from configs import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,7 @@ def _main(*args):
   )
 
 
+@pytest.mark.slow(seconds=60)
 def test_main_pretrains_semantically_evaluates_and_names_bad_flags(tfds_dir, tmp_path):
   cfg = pretrain.get_config('test,semantic')
   assert cfg.data.target == 'occ3d' and cfg.model.num_classes == 18

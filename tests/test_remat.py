@@ -33,7 +33,10 @@ def test_recompute_equals_autodiff_and_keeps_only_inputs():
   x = jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)
   want = _grad_fn(_layer)(ws, x)
   got = _grad_fn(recompute(_layer))(ws, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  # Recomputation fuses the layer's transcendentals differently: float32 rounding, relative to
+  # each gradient's largest entry.
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6 * float(jnp.abs(w).max()))
 
   # Eight layers on a [4096, 512] activation: autodiff keeps each layer's four intermediates;
   # recomputation keeps the layer inputs and one layer's intermediates at a time.

@@ -31,6 +31,7 @@ def tiny_workdir(tfds_dir, tmp_path_factory):
 PICTURE_SIZE = (960, 28 + 22 + 2 * 180 + 22 + 320 + 28 + 22 + 360)
 
 
+@pytest.mark.slow(seconds=90)
 def test_pictures_of_a_tiny_run_and_of_its_pth(tiny_workdir, tfds_dir, tmp_path):
   from uniscene_jax.convert import to_torch
   from uniscene_jax.data import input_pipeline as ip

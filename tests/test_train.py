@@ -43,6 +43,7 @@ def _batch(b, seed=0, hw=(64, 96), t=2):
   }
 
 
+@pytest.mark.slow(seconds=30)
 def test_step_compiles_once_stays_on_device_and_skips_non_finite():
   cfg, mc, model, tx = _step_setup()
   state = jax.jit(lambda k: train.create_train_state(mc, tx, k))(jax.random.key(0))
@@ -98,15 +99,16 @@ print('ok')
 """
 
 
-def _run_devices(out, processes, devices_each, port):
+def _start_devices(out, processes, devices_each, port):
   env = {
     **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}',
+    'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} '
+    f'--xla_force_host_platform_device_count={devices_each}',
     'JAX_PLATFORMS': 'cpu',
   }
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(processes))
-  procs = [
+  return [
     subprocess.Popen(
       [sys.executable, '-c', _DEVICES, str(out)],
       env={**env, 'JAX_PROCESS_ID': str(p)},
@@ -116,6 +118,9 @@ def _run_devices(out, processes, devices_each, port):
     )
     for p in range(processes)
   ]
+
+
+def _finish_devices(out, procs):
   for proc in procs:
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0 and 'ok' in stdout, stderr[-3000:]
@@ -123,22 +128,27 @@ def _run_devices(out, processes, devices_each, port):
     return {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow(seconds=160)
 def test_devices_and_processes_agree(tmp_path):
   """1 process x 4 devices == 1 device on the same global batch; 2 processes x 2 devices (gloo
-  collectives over jax.distributed on localhost) == 1 process x 4 devices."""
+  collectives over jax.distributed on localhost) == 1 process x 4 devices. The two set-ups run
+  at the same time (each compiles mostly on one core)."""
   import socket
 
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  single = _run_devices(tmp_path / 'one.npz', 1, 4, port)
-  multi = _run_devices(tmp_path / 'two.npz', 2, 2, port)
+  single = _start_devices(tmp_path / 'one.npz', 1, 4, port)
+  multi = _start_devices(tmp_path / 'two.npz', 2, 2, port)
+  single = _finish_devices(tmp_path / 'one.npz', single)
+  multi = _finish_devices(tmp_path / 'two.npz', multi)
   assert single.keys() == multi.keys()
   for k in single:
     # Adam normalises near-zero gradients, so summation order shows at ~1e-7 there.
     np.testing.assert_allclose(multi[k], single[k], rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow(seconds=75)
 def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, monkeypatch):
   def run(workdir, steps, evaluate=False):
     cfg = pretrain.get_config('tiny')
