@@ -326,6 +326,7 @@ class QueueBatch:
       3,
     )
     batch = {k: np.stack([s[k] for s in samples]) for k in samples[0] if k != 'img'}
+    zero_padding = True
     if self.shared_memory and BatchBlocks.supported():
       if self._blocks is None:
         self._blocks = BatchBlocks()
@@ -345,10 +346,8 @@ class QueueBatch:
       from grain.multiprocessing import SharedMemoryArray
 
       images = batch['img'] = SharedMemoryArray(shape, dtype=np.uint8)
-      zero_padding = True
     else:
       images = batch['img'] = np.empty(shape, np.uint8)
-      zero_padding = True
     for b, queue in enumerate(queues):
       decode_queue(queue, self.divisor, images[b], zero_padding)
     return batch
