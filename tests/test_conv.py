@@ -28,11 +28,16 @@ def _lax(x, k, pads):
   return lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=DN)
 
 
+@pytest.mark.parametrize('kernel_grad', ['convolution', 'tap dots'])
 @pytest.mark.parametrize(
   'kernel,pads',
   [((1, 1), 'VALID'), ((3, 3), ((1, 1), (1, 1))), ((3, 3), 'SAME'), ((3, 2), ((2, 0), (0, 1)))],
 )
-def test_values_and_gradients_equal_autodiff(kernel, pads):
+def test_values_and_gradients_equal_autodiff(kernel, pads, kernel_grad, monkeypatch):
+  # The kernel gradient's two ways, chosen by channel count: both are checked at small sizes.
+  taps = kernel_grad == 'tap dots'
+  monkeypatch.setattr(conv, 'TAP_DOTS_MIN_CHANNELS', 1 if taps else 10**9)
+  monkeypatch.setattr(conv, 'TAP_DOTS_MIN_PIXELS', 1 if taps else 10**9)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(*kernel, 5, 7)), jnp.float32)
@@ -83,3 +88,27 @@ def test_backward_inside_a_scan_uses_only_canonical_convolutions():
   # XLA:CPU's fast kernels take b01f_01io->b01f only; autodiff's backward in a loop is not.
   assert layouts(ours) <= {'b01f_01io->b01f'}
   assert layouts(plain) - {'b01f_01io->b01f'}  # what this module exists for
+
+
+@pytest.mark.parametrize('strides,pads', [((1, 1), 'SAME'), ((2, 2), 'VALID'), ((2, 1), 'SAME')])
+def test_pointwise_convolution_is_a_dot_with_lax_values_and_gradients(strides, pads):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), jnp.float32)  # odd sizes: strided edges
+  k = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
+
+  def ours(x, k):
+    return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN)
+
+  def plain(x, k):
+    return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN)
+
+  want = plain(x, k)
+  np.testing.assert_allclose(ours(x, k), want, rtol=1e-5, atol=1e-5)
+  w = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  got = jax.grad(lambda x, k: jnp.sum(jnp.sin(ours(x, k)) * w), (0, 1))(x, k)
+  ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(plain(x, k)) * w), (0, 1))(x, k)
+  for a, b in zip(got, ref, strict=True):
+    assert float(jnp.abs(b).max()) > 0.1
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) ** 2), (0, 1))).lower(x, k).as_text()
+  assert 'convolution' not in hlo and 'dot_general' in hlo

@@ -12,6 +12,8 @@ import numpy as np
 from flax import linen as nn
 from jax import numpy as jnp
 
+from uniscene_jax.ops import conv as conv_ops
+
 EXTRA_CONV_SOURCES = ('on_input', 'on_lateral', 'on_output')
 
 
@@ -33,6 +35,7 @@ class ConvModule(nn.Module):
       padding=((pad, pad), (pad, pad)),
       kernel_init=nn.initializers.xavier_uniform(),
       dtype=self.dtype,
+      conv_general_dilated=conv_ops.conv_general_dilated,  # 1 x 1 as dots, faster backward
       name='conv',
     )(x)
 
