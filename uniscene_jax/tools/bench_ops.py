@@ -1,4 +1,4 @@
-r"""Benchmark: sampling ops in JAX against their PyTorch references, side by side in one run.
+r"""Benchmark: sampling ops and convolutions in JAX against PyTorch, side by side in one run.
 
     python -m uniscene_jax.tools.bench_ops [--quick] [--repeats N] [--only NAME ...]
 
@@ -7,6 +7,11 @@ compiled before timing) and of the PyTorch reference (tests/reference/ops_torch.
 own thread pool), and the JAX / torch ratios. The references live in tests/reference/, so run this
 from the repository root. Inputs are random: values N(0, 1), locations uniform in [-0.1, 1.1]
 (some points fall outside the maps), attention weights uniform in [0, 1].
+
+Convolutions (the backbone's and the FPN's, at the base shapes) run twice on the JAX side: through
+`ops.conv` (1 x 1 kernels as dots, the written-out backward) and, in the row marked `lax`, through
+`lax.conv_general_dilated` with autodiff's backward, the plain way; the torch column is
+`F.conv2d`.
 """
 
 import argparse
@@ -38,16 +43,38 @@ class DcnCase:
   channels: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+  name: str
+  batch: int
+  height: int
+  width: int
+  cin: int
+  cout: int
+  kernel: int
+  lax: bool = False  # lax.conv_general_dilated and autodiff instead of ops.conv
+
+
+def _conv_pair(name, *shape):
+  return ConvCase(name, *shape), ConvCase(name.replace('conv ', 'lax  ', 1), *shape, lax=True)
+
+
 FULL = (
   MsdaCase('TSA  2x200x200 q40000 L1 P4', 2, ((200, 200),), 40000, 4),
   MsdaCase('SCA  1 cam q40000 L4 P8', 1, SCA_LEVELS, 40000, 8),
   MsdaCase('SCA  1 cam q10000 L4 P8', 1, SCA_LEVELS, 10000, 8),
   DcnCase('DCN  layer3 6x58x100 c256 3x3', 6, 58, 100, 256),
+  *_conv_pair('conv 1x1 layer3 6x58x100 1024>256', 6, 58, 100, 1024, 256, 1),
+  *_conv_pair('conv 1x1 layer3 6x58x100 256>1024', 6, 58, 100, 256, 1024, 1),
+  *_conv_pair('conv 3x3 layer2 6x116x200 c128', 6, 116, 200, 128, 128, 3),
+  *_conv_pair('conv 3x3 FPN 6x116x200 c256', 6, 116, 200, 256, 256, 3),
 )
 QUICK = (
   MsdaCase('TSA  2x50x50 q2500 L1 P4', 2, ((50, 50),), 2500, 4),
   MsdaCase('SCA  1 cam q2500 L4 P8', 1, ((29, 50), (15, 25), (8, 13), (4, 7)), 2500, 8),
   DcnCase('DCN  2x15x25 c64 3x3', 2, 15, 25, 64),
+  *_conv_pair('conv 1x1 2x15x25 128>64', 2, 15, 25, 128, 64, 1),
+  *_conv_pair('conv 3x3 2x64x64 c128', 2, 64, 64, 128, 128, 3),
 )
 
 
@@ -80,14 +107,28 @@ def _dcn_inputs(case, rng):
   return x, offset, mask, kernel, g
 
 
+def _conv_inputs(case, rng):
+  x = rng.standard_normal((case.batch, case.height, case.width, case.cin), np.float32)
+  shape = (case.kernel, case.kernel, case.cin, case.cout)
+  kernel = (rng.standard_normal(shape) / np.sqrt(case.kernel**2 * case.cin)).astype(np.float32)
+  g = rng.standard_normal((case.batch, case.height, case.width, case.cout), np.float32)
+  return x, kernel, g
+
+
 def _jax_fns(case):
   import jax
+  from jax import lax
+
+  from uniscene_jax.ops import conv
 
   from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
   from uniscene_jax.ops.deformable_attention import ms_deform_attn
 
   if isinstance(case, MsdaCase):
     op = lambda v, loc, aw: ms_deform_attn(v, case.levels, loc, aw)
+  elif isinstance(case, ConvCase):
+    conv_fn = lax.conv_general_dilated if case.lax else conv.conv_general_dilated
+    op = lambda x, k: conv_fn(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   else:
     op = lambda x, off, m, k: modulated_deform_conv2d(x, off, m, k, 1, 1, 1)
   fwd = jax.jit(op)
@@ -109,6 +150,9 @@ def _torch_fns(case):
   if isinstance(case, MsdaCase):
     op = lambda v, loc, aw: ops_torch.ms_deform_attn(v, case.levels, loc, aw)
     layouts = (None, None, None, None)
+  elif isinstance(case, ConvCase):
+    op = lambda x, k: torch.nn.functional.conv2d(x, k, padding=case.kernel // 2)
+    layouts = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
   else:
     op = lambda x, off, m, k: ops_torch.modulated_deform_conv2d(x, off, m, k, 1, 1, 1)
     # NHWC -> NCHW for maps, HWIO -> OIHW for the kernel.
@@ -141,6 +185,8 @@ def run_case(case, repeats, rng):
 
   if isinstance(case, MsdaCase):
     *arrays, g = _msda_inputs(case, rng)
+  elif isinstance(case, ConvCase):
+    *arrays, g = _conv_inputs(case, rng)
   else:
     *arrays, g = _dcn_inputs(case, rng)
   j_fwd, j_fwd_bwd = _jax_fns(case)
@@ -176,7 +222,7 @@ def main(argv=None) -> None:
     f'({torch.get_num_threads()} threads); medians of {args.repeats}, seconds'
   )
   header = (
-    f'{"shape":32s} {"jax fwd":>8s} {"torch fwd":>9s} {"ratio":>6s} '
+    f'{"shape":36s} {"jax fwd":>8s} {"torch fwd":>9s} {"ratio":>6s} '
     f'{"jax f+b":>8s} {"torch f+b":>9s} {"ratio":>6s}'
   )
   print(header)
@@ -184,7 +230,7 @@ def main(argv=None) -> None:
   for case in cases:
     jf, jb, tf, tb = run_case(case, args.repeats, rng)
     print(
-      f'{case.name:32s} {jf:8.3f} {tf:9.3f} {jf / tf:6.2f} {jb:8.3f} {tb:9.3f} {jb / tb:6.2f}',
+      f'{case.name:36s} {jf:8.3f} {tf:9.3f} {jf / tf:6.2f} {jb:8.3f} {tb:9.3f} {jb / tb:6.2f}',
       flush=True,
     )
 
