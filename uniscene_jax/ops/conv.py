@@ -73,7 +73,8 @@ def conv_general_dilated(
   precision=None,
   preferred_element_type=None,
 ):
-  """`lax.conv_general_dilated`, with a loop-friendly backward where it applies (see above)."""
+  """`lax.conv_general_dilated`, as a dot or with a loop-friendly backward where it applies (see
+  above)."""
   ones = (1,) * (lhs.ndim - 2)
   pads = _pairs(padding, rhs.shape[:2]) if lhs.ndim == 4 else None
   plain = (
@@ -107,10 +108,8 @@ def conv_general_dilated(
 def pointwise(x, kernel, strides=(1, 1), precision=None, preferred_element_type=None):
   """A 1 x 1 convolution as a dot: x [N, H, W, I], kernel [1, 1, I, O], output [N, H', W', O]."""
   sh, sw = strides
-  if (sh, sw) != (1, 1):
-    x = x[:, ::sh, ::sw]
   return lax.dot_general(
-    x,
+    x[:, ::sh, ::sw],
     kernel[0, 0],
     (((3,), (0,)), ((), ())),
     precision=precision,

@@ -120,7 +120,6 @@ def _jax_fns(case):
   from jax import lax
 
   from uniscene_jax.ops import conv
-
   from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
   from uniscene_jax.ops.deformable_attention import ms_deform_attn
 
