@@ -62,3 +62,12 @@ def test_augment_batch_normalises_and_masks_the_current_frame_only():
   np.testing.assert_array_equal(masked[:, :2], plain[:, :2])  # history frames untouched
   zeroed = (masked[:, 2] == 0) & (plain[:, 2] != 0)
   assert zeroed.any() and not zeroed.all()
+  # In a bfloat16 network the queue comes out in bfloat16: the float32 result, rounded.
+  half = jax.jit(lambda k, x: augment.augment_batch(k, x, (50, 90), True, dtype=jnp.bfloat16))(
+    jax.random.key(1), jnp.asarray(img)
+  )
+  full = jax.jit(lambda k, x: augment.augment_batch(k, x, (50, 90), True))(
+    jax.random.key(1), jnp.asarray(img)
+  )
+  assert half.dtype == jnp.bfloat16 and full.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(half), np.asarray(full.astype(jnp.bfloat16)))

@@ -118,3 +118,29 @@ def test_checkpointed_call_keeps_parameter_paths_and_dropout_masks():
   out_b = remat.apply(variables, x, train=True, rngs={'dropout': jax.random.key(4)})
   assert not np.allclose(out_a, out_b)
   np.testing.assert_array_equal(out_a, remat.apply(variables, x, train=True, rngs=rngs))
+
+
+def test_loop_of_recomputed_bfloat16_steps_keeps_its_inputs_in_bfloat16():
+  """A scan saves each step's bfloat16 input for the backward. Saved as floats, XLA:CPU would
+  convert the whole stack of them to float32 ahead of the backward loop (three times the
+  stack's size); they are saved as integer bits instead."""
+
+  def loss(ws, x, layer):
+    x, _ = jax.lax.scan(lambda x, w: (layer(w, x), None), x, ws)
+    return jnp.sum(x.astype(jnp.float32) ** 2)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  rng = np.random.default_rng(0)
+  ws = jnp.asarray(rng.normal(0, 0.15, (3, 64, 64)), jnp.bfloat16)
+  x = jnp.asarray(rng.normal(size=(32, 64)), jnp.bfloat16)
+  for g, w in zip(grad(ws, x, recompute(_layer)), grad(ws, x, _layer), strict=True):
+    assert g.dtype == jnp.bfloat16
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, atol=2e-2 * np.abs(w).max())
+
+  steps = 24
+  big_ws = jax.ShapeDtypeStruct((steps, 512, 512), jnp.bfloat16)
+  big_x = jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16)
+  stack = steps * 4096 * 512 * 2  # the saved inputs, in bfloat16
+  temp = _temp_bytes(grad, big_ws, big_x, recompute(_layer))
+  assert temp < 2 * stack, (temp / stack, 'x the stack of saved inputs')

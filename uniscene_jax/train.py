@@ -100,6 +100,7 @@ def make_train_step(model, tx, config):
       photometric=config.augment.photometric,
       use_grid_mask=config.augment.grid_mask,
       grid_mask_prob=config.augment.grid_mask_prob,
+      dtype=jnp.dtype(config.model.get('dtype', 'float32')),
     )
 
     def loss_fn(params):

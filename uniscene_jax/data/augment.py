@@ -184,21 +184,24 @@ def augment_batch(
   photometric: bool = True,
   use_grid_mask: bool = True,
   grid_mask_prob: float = 0.7,
+  dtype=jnp.float32,
 ) -> jnp.ndarray:
-  """uint8 img [B, T, N, H_pad, W_pad, 3] -> float32 network input, same shape.
+  """uint8 img [B, T, N, H_pad, W_pad, 3] -> network input in `dtype`, same shape.
 
   In training: photometric distortion of every image, then normalisation, then one GridMask per
-  sample on the current (last) frame. Otherwise normalisation only.
+  sample on the current (last) frame. Otherwise normalisation only. The arithmetic is float32;
+  the result is rounded to `dtype` (the network's compute dtype, whose first layer would round
+  it anyway) before the mask, which only zeroes pixels, so the queue is kept at that size.
   """
   x = img.astype(jnp.float32)
   k_photo, k_grid = jax.random.split(key)
   if train and photometric:
     x = photometric_distortion(x, draw_photometric(k_photo, img.shape[:3]))
-  x = normalize(x, valid_hw)
+  x = normalize(x, valid_hw).astype(dtype)
   if train and use_grid_mask:
     b = img.shape[0]
     masks = jax.vmap(lambda k: grid_mask(k, img.shape[3:5], grid_mask_prob))(
       jax.random.split(k_grid, b)
     )
-    x = x.at[:, -1].multiply(masks[:, None, :, :, None])
+    x = x.at[:, -1].multiply(masks[:, None, :, :, None].astype(dtype))
   return x

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from uniscene_jax.models import backbone as backbone_lib
 from uniscene_jax.models import fpn as fpn_lib
 from uniscene_jax.models.heads import BEVHead, HeadConfig
+from uniscene_jax.ops.data_zero import data_zero
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -75,8 +76,13 @@ class UniSceneOcc(nn.Module):
     """The queue's last frame -> (bev [B, HW, C], aux {'bev_embed', 'sca_overflow'}), with the
     BEV its history passes on (arguments as __call__)."""
     prev = self.history(img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
+    # The last frame's image starts once the history's BEV exists (a zero from it), so that its
+    # backbone activations are not made early and held through the history's loop.
+    last = img[:, -1]
+    if img.shape[1] > 1:
+      last = last + data_zero(prev).astype(last.dtype)
     bev, aux = self.frame(
-      img[:, -1],
+      last,
       lidar2img[:, -1],
       ego2lidar[:, -1],
       can_bus[:, -1],
@@ -93,8 +99,10 @@ class UniSceneOcc(nn.Module):
     b, t = img.shape[:2]
     prev = jnp.zeros((b, enc.bev_h * enc.bev_w, enc.embed_dims), jnp.float32)
     if t > 1:
-
-      def history(module, prev, frame):
+      # Frame i is sliced out of the queue axis in the loop: scanning over swapped axes would
+      # copy all history images first (320 MB at base sizes).
+      def history(module, prev, i, queue):
+        frame = [jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False) for x in queue]
         bev, _ = module.frame(*frame[:4], prev, frame[4], False)
         return jax.lax.stop_gradient(bev).astype(jnp.float32), None
 
@@ -102,9 +110,8 @@ class UniSceneOcc(nn.Module):
         history,
         variable_broadcast=('params', 'batch_stats'),
         split_rngs={'params': False, 'dropout': False},
+        in_axes=(0, nn.broadcast),
       )
-      frames = tuple(
-        jnp.swapaxes(x[:, :-1], 0, 1) for x in (img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
-      )
-      prev, _ = scan(self, prev, frames)
+      queue = (img, lidar2img, ego2lidar, can_bus, prev_bev_exists)
+      prev, _ = scan(self, prev, jnp.arange(t - 1), queue)
     return prev

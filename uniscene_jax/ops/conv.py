@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from uniscene_jax.ops.data_zero import data_zero
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -175,16 +177,16 @@ def _kernel_grad_by_taps(x, g, kernel_hw, pads, precision):
   m = g_rows.shape[0]
   # Rows past the last image, so that every tap's slice has m rows (they meet zero g rows).
   x_rows = jnp.pad(xp.reshape(-1, c), ((0, (kh - 1) * wp + kw - 1), (0, 0)))
-  taps = [
-    lax.dot_general(
-      lax.slice_in_dim(x_rows, i * wp + j, i * wp + j + m),
-      g_rows,
-      (((0,), (0,)), ((), ())),
-      precision=precision,
-    )
-    for i in range(kh)
-    for j in range(kw)
-  ]
+  # Each tap's slice is a copy. Chained by a zero from the previous tap's result (the first
+  # from g), each is made just before its dot and freed after it: without the chain XLA makes
+  # all of them as soon as x exists, kh * kw copies of x held across the rest of the backward.
+  taps, after = [], g_rows
+  for i in range(kh):
+    for j in range(kw):
+      rows = lax.slice_in_dim(x_rows, i * wp + j, i * wp + j + m)
+      rows = rows + data_zero(after).astype(rows.dtype)
+      after = lax.dot_general(rows, g_rows, (((0,), (0,)), ((), ())), precision=precision)
+      taps.append(after)
   return jnp.stack(taps).reshape(kh, kw, c, o)
 
 
