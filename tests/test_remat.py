@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniscene_jax.models.remat import checkpointed_call, recompute
+from uniscene_jax.models.remat import checkpointed_call, recompute, recomputed_scan
 
 
 def _layer(w, x):
@@ -144,3 +144,68 @@ def test_loop_of_recomputed_bfloat16_steps_keeps_its_inputs_in_bfloat16():
   stack = steps * 4096 * 512 * 2  # the saved inputs, in bfloat16
   temp = _temp_bytes(grad, big_ws, big_x, recompute(_layer))
   assert temp < 2 * stack, (temp / stack, 'x the stack of saved inputs')
+
+
+def _scan_step(x, c, shared):
+  """A loop step with everything a layer loop passes: stacked weights and keys, a shared float
+  input (differentiated) and a shared integer one, a float and an integer output per step."""
+  (w, key), (feat, idx) = x, shared
+  keep = jax.random.bernoulli(key, 0.8, c.shape)  # a dropout mask, drawn again when recomputed
+  h = jnp.tanh(c @ w + feat[idx]) * keep.astype(c.dtype)
+  c = h @ w.T + c
+  return c, {'norm': jnp.sum(h.astype(jnp.float32) ** 2), 'count': jnp.sum(keep)}
+
+
+def test_recomputed_scan_equals_the_plain_scan():
+  rng = np.random.default_rng(1)
+  steps = 5
+  keys = jax.random.split(jax.random.key(3), steps)
+  idx = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    ws = jnp.asarray(rng.normal(0, 0.2, (steps, 48, 48)), dtype)
+    c0 = jnp.asarray(rng.normal(size=(16, 48)), dtype)
+    feat = jnp.asarray(rng.normal(size=(10, 48)), dtype)
+
+    def loss(ws, c0, feat, run):
+      c, aux = run((ws, keys), c0, (feat, idx))
+      total = jnp.sum(c.astype(jnp.float32) ** 2) + jnp.sum(aux['norm'] * jnp.arange(steps))
+      return total, aux['count']
+
+    def plain(xs, c, shared):
+      return jax.lax.scan(lambda c, x: _scan_step(x, c, shared), c, xs)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (gw, gc, gf), counts = grad(ws, c0, feat, recomputed_scan(_scan_step))
+    (pw, pc, pf), plain_counts = grad(ws, c0, feat, plain)
+    np.testing.assert_array_equal(counts, plain_counts)  # the same dropout masks
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, want in ((gw, pw), (gc, pc), (gf, pf)):
+      assert got.dtype == dtype
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+def test_recomputed_scan_saves_its_inputs_only_once_the_loop_starts():
+  """The buffer of saved step inputs is made from the loop's input: it does not exist while
+  what comes before the loop runs (here, a forward without gradient whose temporaries are as
+  large as the buffer). A scan's own stacked outputs would: XLA:CPU allocates buffers made from
+  constants at program start."""
+
+  def before(x, p):
+    for _ in range(3):
+      x = x + jnp.tanh(jnp.tanh(x @ p) @ p.T) * 0.1  # a [4096, 8192] float32 temporary
+    return jax.lax.stop_gradient(x)
+
+  def loss(ws, p, x):
+    c, _ = recomputed_scan(lambda w, c, _: (_layer(w, c), None))(ws, before(x, p), ())
+    return jnp.sum(c**2)
+
+  steps = 16
+  stack = steps * 4096 * 512 * 4  # the saved inputs
+  temp = _temp_bytes(
+    jax.jit(jax.grad(loss, argnums=(0, 2))),
+    jax.ShapeDtypeStruct((steps, 512, 512), jnp.float32),
+    jax.ShapeDtypeStruct((512, 8192), jnp.float32),
+    jax.ShapeDtypeStruct((4096, 512), jnp.float32),
+  )
+  assert temp < 1.5 * stack, (temp / stack, 'x the saved inputs')

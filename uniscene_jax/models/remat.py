@@ -117,6 +117,10 @@ def _as_bits(tree):
   return jax.tree.map(lambda x: _Bits(x) if jnp.result_type(x) in _HALF else x, tree)
 
 
+def _half(x) -> bool:
+  return jnp.result_type(x) in _HALF
+
+
 def _from_bits(tree):
   return jax.tree.map(lambda x: x.value if isinstance(x, _Bits) else x, tree, is_leaf=_is_bits)
 
@@ -229,12 +233,134 @@ def sequential_call(
     }
     rngs = tuple(n for n in rng_names if parent.has_rng(n))
     keys = tuple(jax.random.split(parent.make_rng(n), len(children)) for n in rngs)
-    step = _pure_apply(children[0].clone(parent=None), rngs, static_kwargs)
-    step = recompute(step) if remat else step
+    apply = _pure_apply(children[0].clone(parent=None), rngs, static_kwargs)
 
-    def body(carry, xs):
-      out = step(*xs, _salt(carry, shared), carry, *shared)
+    def step(xs, carry, shared):
+      out = apply(*xs, _salt(carry, shared), carry, *shared)
       return out if isinstance(out, tuple) else (out, None)
 
-    carry, aux = jax.lax.scan(body, carry, (variables, keys))
+    if remat:
+      carry, aux = recomputed_scan(step)((variables, keys), carry, shared)
+    else:
+      carry, aux = jax.lax.scan(lambda c, xs: step(xs, c, shared), carry, (variables, keys))
   return carry if aux is None else (carry, aux)
+
+
+def recomputed_scan(step: Callable) -> Callable:
+  """step(x, carry, shared) -> (carry, aux) into run(xs, carry, shared) -> (carry, stacked aux):
+  a `lax.scan` over the leading axis of xs whose backward keeps only each step's input carry and
+  reruns that step from it, last step first.
+
+  `carry` is one array. The saved inputs go into one buffer made from the carry itself (zeros plus
+  a zero computed from it), so that it is allocated when the loop starts: a scan's own stacked
+  outputs start from constant zeros, which XLA:CPU allocates at program start and keeps through
+  everything that runs before the loop (for the current frame's backbone: the history frames,
+  2 GB of bfloat16 at base sizes). Half-precision inputs are saved as their bits (see
+  `_as_bits`). Gradients of `shared` are summed in the backward loop's carry. Integer, boolean
+  and key leaves get no gradient, nor do leaves the caller does not differentiate.
+  """
+
+  def forward(xs, carry, shared, save: bool):
+    n = jax.tree.leaves(xs)[0].shape[0]
+    saved = _Bits(carry) if _half(carry) else None
+    bits = saved.bits if saved is not None else carry
+    buf = jnp.zeros((n, *carry.shape), bits.dtype) if save else None
+    if save:  # a zero from the carry: the buffer cannot exist before the loop's input does
+      buf = buf + (data_zero(carry) != 0).astype(bits.dtype)
+
+    def body(state, x):
+      c, buf, i = state
+      if save:
+        c_bits = jax.lax.bitcast_convert_type(c, bits.dtype) if saved is not None else c
+        buf = jax.lax.dynamic_update_index_in_dim(buf, c_bits, i, 0)
+      c, aux = step(x, c, shared)
+      return (c, buf, i + 1), aux
+
+    (carry, buf, _), aux = jax.lax.scan(body, (carry, buf, jnp.int32(0)), xs)
+    return (carry, aux), buf
+
+  @jax.custom_vjp
+  def run(xs, carry, shared):
+    return forward(xs, carry, shared, save=False)[0]
+
+  def fwd(xs, carry, shared):
+    args = (xs, carry, shared)
+    primals = jax.tree.leaves(args, is_leaf=_is_primal)
+    xs, carry, shared = jax.tree.unflatten(
+      jax.tree.structure(args, is_leaf=_is_primal), [p.value for p in primals]
+    )
+    # Which leaves need a gradient, kept in the residuals' structure (None: no, (): yes).
+    wanted = tuple(() if p.perturbed and _inexact(p.value) else None for p in primals)
+    out, buf = forward(xs, carry, shared, save=True)
+    if _half(carry):  # the carry's dtype rides in the residuals' structure
+      buf = _Bits(buf, jnp.result_type(carry))
+    return out, (xs, buf, shared, wanted)
+
+  def bwd(residuals, g):
+    xs, buf, shared, wanted = residuals
+    half = buf.dtype if isinstance(buf, _Bits) else None
+    buf = buf.bits if half is not None else buf
+    g_carry, g_aux = jax.tree.map(_materialise, g, is_leaf=lambda x: isinstance(x, SymbolicZero))
+    n_x = len(jax.tree.leaves(xs))
+    want_x, want_carry, want_shared = (
+      [w is not None for w in wanted[:n_x]],
+      wanted[n_x] is not None,
+      [w is not None for w in wanted[n_x + 1 :]],
+    )
+    x_leaves, x_def = jax.tree.flatten(xs)
+    sh_leaves, sh_def = jax.tree.flatten(shared)
+    sh_diff = [i for i, w in enumerate(want_shared) if w]
+    x_diff = [i for i, w in enumerate(want_x) if w]
+    # Integer aux (counts) have float0 cotangents, made per step instead of sliced.
+    aux_leaves, aux_def = jax.tree.flatten(g_aux)
+    aux_float = [i for i, a in enumerate(aux_leaves) if a.dtype != jax.dtypes.float0]
+
+    def body(state, per_step):
+      g_c, acc = state
+      x_leaf, i, aux_f = per_step
+      zero = data_zero(g_c)
+      c = buf[i]
+      c = jax.lax.bitcast_convert_type(c, half) if half is not None else c
+      c = c + zero.astype(c.dtype)  # a recomputation that starts once g_c exists
+
+      def partial_fn(c, x_d, sh_d):
+        xl, sl = list(x_leaf), list(sh_leaves)
+        for j, v in zip(x_diff, x_d, strict=True):
+          xl[j] = v
+        for j, v in zip(sh_diff, sh_d, strict=True):
+          sl[j] = v
+        return step(jax.tree.unflatten(x_def, xl), c, jax.tree.unflatten(sh_def, sl))
+
+      _, vjp = jax.vjp(partial_fn, c, [x_leaf[j] for j in x_diff], [sh_leaves[j] for j in sh_diff])
+      g_aux_i = list(aux_leaves)
+      for j, a in zip(aux_float, aux_f, strict=True):
+        g_aux_i[j] = a
+      for j, a in enumerate(aux_leaves):
+        if a.dtype == jax.dtypes.float0:
+          g_aux_i[j] = np.zeros(a.shape[1:], jax.dtypes.float0)
+      # All cotangents leave together (see `recompute`).
+      g_out = (g_c, jax.tree.unflatten(aux_def, g_aux_i))
+      g_c, g_x, g_sh = jax.lax.optimization_barrier(vjp(g_out))
+      acc = [a + b for a, b in zip(acc, g_sh, strict=True)]
+      return (g_c, acc), g_x
+
+    n = buf.shape[0]
+    zero = data_zero(g_carry)
+    acc0 = [jnp.zeros_like(sh_leaves[j]) + zero.astype(sh_leaves[j].dtype) for j in sh_diff]
+    x_scan = [x_leaves[j] for j in range(len(x_leaves))]
+    (g_carry, acc), g_x = jax.lax.scan(
+      body,
+      (g_carry, acc0),
+      (x_scan, jnp.arange(n, dtype=jnp.int32), [aux_leaves[j] for j in aux_float]),
+      reverse=True,
+    )
+    gx = dict(zip(x_diff, g_x, strict=True))
+    gs = dict(zip(sh_diff, acc, strict=True))
+    return (
+      jax.tree.unflatten(x_def, [gx.get(j) for j in range(len(x_leaves))]),
+      g_carry if want_carry else None,
+      jax.tree.unflatten(sh_def, [gs.get(j) for j in range(len(sh_leaves))]),
+    )
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
+  return run
