@@ -114,7 +114,7 @@ def _as_bits(tree):
   float32 copy of every step's input, twice the size of the stack itself (3.1 GB for ResNet-101's
   layer3 at base sizes). Saved as integers there is no conversion to move.
   """
-  return jax.tree.map(lambda x: _Bits(x) if jnp.result_type(x) in _HALF else x, tree)
+  return jax.tree.map(lambda x: _Bits(x) if _half(x) else x, tree)
 
 
 def _half(x) -> bool:
@@ -262,17 +262,17 @@ def recomputed_scan(step: Callable) -> Callable:
 
   def forward(xs, carry, shared, save: bool):
     n = jax.tree.leaves(xs)[0].shape[0]
-    saved = _Bits(carry) if _half(carry) else None
-    bits = saved.bits if saved is not None else carry
-    buf = jnp.zeros((n, *carry.shape), bits.dtype) if save else None
+    half = _half(carry)
+    kept = _HALF[jnp.result_type(carry)] if half else carry.dtype
+    buf = None
     if save:  # a zero from the carry: the buffer cannot exist before the loop's input does
-      buf = buf + (data_zero(carry) != 0).astype(bits.dtype)
+      buf = jnp.zeros((n, *carry.shape), kept) + _int_zero(data_zero(carry)).astype(kept)
 
     def body(state, x):
       c, buf, i = state
       if save:
-        c_bits = jax.lax.bitcast_convert_type(c, bits.dtype) if saved is not None else c
-        buf = jax.lax.dynamic_update_index_in_dim(buf, c_bits, i, 0)
+        kept_c = jax.lax.bitcast_convert_type(c, kept) if half else c
+        buf = jax.lax.dynamic_update_index_in_dim(buf, kept_c, i, 0)
       c, aux = step(x, c, shared)
       return (c, buf, i + 1), aux
 
@@ -347,11 +347,10 @@ def recomputed_scan(step: Callable) -> Callable:
     n = buf.shape[0]
     zero = data_zero(g_carry)
     acc0 = [jnp.zeros_like(sh_leaves[j]) + zero.astype(sh_leaves[j].dtype) for j in sh_diff]
-    x_scan = [x_leaves[j] for j in range(len(x_leaves))]
     (g_carry, acc), g_x = jax.lax.scan(
       body,
       (g_carry, acc0),
-      (x_scan, jnp.arange(n, dtype=jnp.int32), [aux_leaves[j] for j in aux_float]),
+      (list(x_leaves), jnp.arange(n, dtype=jnp.int32), [aux_leaves[j] for j in aux_float]),
       reverse=True,
     )
     gx = dict(zip(x_diff, g_x, strict=True))
