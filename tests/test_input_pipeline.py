@@ -311,7 +311,7 @@ def test_image_blocks_are_reused_once_the_consumer_lets_go():
     np.stack([ip.decode_queue(s['img'], 32) for s in second_samples]),
   )
   assert len(fn._blocks.blocks) == 3
-  fn(samples(1))  # another shape: another block
+  unattached = fn(samples(1))  # another shape: another block
   assert len(fn._blocks.blocks) == 4
 
   # A block is refilled without clearing its padding only after a batch of the same images.
@@ -328,5 +328,11 @@ def test_image_blocks_are_reused_once_the_consumer_lets_go():
     del got
     gc.collect()
   assert len(paths) == 1  # one block, reused
+  # A worker's exit removes its free blocks; a busy one may be a batch on its way to the
+  # consuming process (here the third and the other-shape batches, never attached), which
+  # removes it at its exit.
   fn._blocks.close()
+  left = {path for path, *_ in fn._blocks.blocks if os.path.exists(path)}
+  assert left == {third.path, unattached.path}
+  ip._remove_orphan_blocks(os.getppid())
   assert not any(os.path.exists(path) for path, *_ in fn._blocks.blocks)

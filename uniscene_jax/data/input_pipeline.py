@@ -212,12 +212,16 @@ class BatchBlocks:
 
   A block is busy from `take` until the consuming process drops the image array it handed out
   (`_Attached.batch`). The first attach removes the block's name, so nothing is left behind once
-  both processes are gone; the worker removes the names of blocks never attached when it exits, and
-  the consuming process those of workers that died first (named after its pid).
+  both processes are gone. A worker that exits removes the names of its free blocks; a busy one
+  may be a batch still on its way (a worker exits once it has produced its last batch, possibly
+  before that batch is attached), so it is left to the consuming process, which attaches it or
+  removes the blocks named after its pid when it exits. Only if that process is gone already
+  does the worker remove them all.
   """
 
   def __init__(self):
     self.blocks = []  # [path, mmap, layout of its last batch]
+    self.parent = os.getppid()
     atexit.register(self.close)
 
   def take(self, nbytes: int, layout=None) -> tuple[str, np.ndarray, bool]:
@@ -245,7 +249,10 @@ class BatchBlocks:
     return path, np.frombuffer(block, np.uint8, nbytes, _HEADER), untouched
 
   def close(self):
-    for path, _, _ in self.blocks:
+    parent_alive = os.getppid() == self.parent
+    for path, block, _ in self.blocks:
+      if parent_alive and block[0] != 0:  # busy: the consuming process attaches or sweeps it
+        continue
       with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
