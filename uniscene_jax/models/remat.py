@@ -301,16 +301,12 @@ def recomputed_scan(step: Callable) -> Callable:
     half = buf.dtype if isinstance(buf, _Bits) else None
     buf = buf.bits if half is not None else buf
     g_carry, g_aux = jax.tree.map(_materialise, g, is_leaf=lambda x: isinstance(x, SymbolicZero))
-    n_x = len(jax.tree.leaves(xs))
-    want_x, want_carry, want_shared = (
-      [w is not None for w in wanted[:n_x]],
-      wanted[n_x] is not None,
-      [w is not None for w in wanted[n_x + 1 :]],
-    )
     x_leaves, x_def = jax.tree.flatten(xs)
     sh_leaves, sh_def = jax.tree.flatten(shared)
-    sh_diff = [i for i, w in enumerate(want_shared) if w]
-    x_diff = [i for i, w in enumerate(want_x) if w]
+    n_x = len(x_leaves)
+    want_carry = wanted[n_x] is not None
+    x_diff = [i for i, w in enumerate(wanted[:n_x]) if w is not None]
+    sh_diff = [i for i, w in enumerate(wanted[n_x + 1 :]) if w is not None]
     # Integer aux (counts) have float0 cotangents, made per step instead of sliced.
     aux_leaves, aux_def = jax.tree.flatten(g_aux)
     aux_float = [i for i, a in enumerate(aux_leaves) if a.dtype != jax.dtypes.float0]
