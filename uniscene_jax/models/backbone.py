@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from uniscene_jax.models.remat import checkpointed_call, recompute, sequential_call
+from uniscene_jax.models.remat import checkpointed_call, sequential_call
 from uniscene_jax.ops import conv as conv_ops
 from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
 
@@ -48,24 +48,6 @@ class FrozenBatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
 
 
-def deform_conv_recomputed(x, offset, mask, kernel, stride, padding, dilation, per_image=False):
-  """`modulated_deform_conv2d` whose backward recomputes its samples instead of keeping them.
-
-  Plain autodiff keeps every tap's four gathered corner maps and their products for the backward
-  (about 2.9 GB per R101 layer3 block at 6 x 928 x 1600 in float32, 70 GB for the 26 blocks).
-  Here only the inputs are kept (models.remat.recompute). With `per_image` a loop over the images
-  also bounds the backward's gathered samples by one image's (2.3 GB less at the base peak; the
-  loop makes the backward about 1.6x slower on XLA:CPU). Values and gradients are autodiff's.
-  """
-  conv = functools.partial(
-    modulated_deform_conv2d, stride=stride, padding=padding, dilation=dilation
-  )
-  if not per_image:
-    return recompute(conv)(x, offset, mask, kernel)
-  one = recompute(lambda x, o, m, k: conv(x[None], o[None], m[None], k)[0])
-  return jax.lax.map(lambda xs: one(*xs, kernel), (x, offset, mask))
-
-
 class ModulatedDeformConv(nn.Module):
   """mmcv `ModulatedDeformConv2dPack` (deform_groups 1, no bias): its own `kernel` plus
   `conv_offset`, a plain conv giving 18 offsets (2k = dy, 2k + 1 = dx) and 9 mask logits."""
@@ -75,7 +57,6 @@ class ModulatedDeformConv(nn.Module):
   stride: int = 1
   padding: int = 1
   dilation: int = 1
-  per_image: bool = False  # see deform_conv_recomputed
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -96,15 +77,8 @@ class ModulatedDeformConv(nn.Module):
     )(x)
     offset = offset_mask[..., : 2 * k * k]
     mask = jax.nn.sigmoid(offset_mask[..., 2 * k * k :].astype(jnp.float32)).astype(self.dtype)
-    return deform_conv_recomputed(
-      x,
-      offset,
-      mask,
-      kernel.astype(self.dtype),
-      self.stride,
-      self.padding,
-      self.dilation,
-      self.per_image,
+    return modulated_deform_conv2d(
+      x, offset, mask, kernel.astype(self.dtype), self.stride, self.padding, self.dilation
     )
 
 
@@ -122,7 +96,6 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   dcn: bool = False
   zero_init_residual: bool = True
-  low_memory: bool = False  # DCN one image at a time (with remat)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -138,9 +111,7 @@ class Bottleneck(nn.Module):
     out = conv(self.planes, (1, 1), strides=self.stride, padding='VALID', name='conv1')(x)
     out = nn.relu(bn(name='bn1')(out))
     if self.dcn:
-      out = ModulatedDeformConv(
-        self.planes, per_image=self.low_memory, dtype=self.dtype, name='conv2'
-      )(out)
+      out = ModulatedDeformConv(self.planes, dtype=self.dtype, name='conv2')(out)
     else:
       out = conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(out)
     out = nn.relu(bn(name='bn2')(out))
@@ -241,7 +212,6 @@ class ResNet(nn.Module):
           downsample=i == 0,
           dcn=cfg.stage_with_dcn[s],
           zero_init_residual=cfg.zero_init_residual,
-          low_memory=cfg.remat,
           dtype=self.dtype,
           name=f'layer{s + 1}_{i}',
         )
