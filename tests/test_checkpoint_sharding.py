@@ -50,3 +50,46 @@ np.testing.assert_array_equal(total, batch["x"].sum(0))
   flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4'
   env = {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120, env={**os.environ, **env})
+
+
+def test_sampling_ops_run_per_device_under_a_mesh():
+  """With the batch sharded over four devices, DCN and MSDA (values and gradients) equal the
+  one-device result and communicate only sums (no device gathers another's samples)."""
+  code = """
+import re
+import numpy as np, jax, jax.numpy as jnp
+from uniscene_jax import sharding
+from uniscene_jax.ops.deform_conv import modulated_deform_conv2d
+from uniscene_jax.ops.deformable_attention import ms_deform_attn
+mesh = sharding.make_mesh()
+data, rep = sharding.data_sharding(mesh), sharding.replicated(mesh)
+rng = np.random.default_rng(0)
+arr = lambda *shape: jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+shapes = ((4, 8), (2, 4))
+cases = {
+  'dcn': (lambda x, o, m, k: modulated_deform_conv2d(x, o, m, k),
+          (arr(8, 6, 7, 5), 2 * arr(8, 6, 7, 18), arr(8, 6, 7, 9), arr(3, 3, 5, 4)), 3),
+  'msda': (lambda v, l, a: ms_deform_attn(v, shapes, l, a),
+           (arr(8, 40, 2, 4), arr(8, 9, 2, 2, 3, 2) + 0.5, arr(8, 9, 2, 2, 3)), 3),
+}
+for name, (fn, args, batched) in cases.items():
+  loss = lambda *a: jnp.sum(fn(*a) ** 2)
+  grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
+  want = jax.jit(grad)(*args)
+  shard = tuple(data if i < batched else rep for i in range(len(args)))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(grad, in_shardings=shard).lower(*args).compile()
+  got = compiled(*args)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  colls = re.findall(r" (all-gather|all-reduce|all-to-all|collective-permute)(?:-start)?[(]", compiled.as_text())
+  # Only sums: the loss over the batch, and for the DCN its kernel gradient.
+  assert colls == ['all-reduce'] * {'dcn': 2, 'msda': 1}[name], (name, colls)
+print("ok")
+"""
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4'
+  env = {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+    env={**os.environ, **env},
+  )
+  assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-3000:]

@@ -67,7 +67,7 @@ def test_step_compiles_once_stays_on_device_and_skips_non_finite():
 
 
 _DEVICES = """
-import os, sys
+import sys
 import jax, numpy as np
 sys.path.insert(0, '.')
 from uniscene_jax import sharding
@@ -75,40 +75,47 @@ sharding.maybe_initialize_distributed()
 from tests.test_train import _step_setup, _batch
 from uniscene_jax import train
 cfg, mc, model, tx = _step_setup()
-state0 = jax.jit(lambda k: train.create_train_state(mc, tx, k))(jax.random.key(0))
 batch = _batch(4, seed=2)
 step = train.make_train_step(model, tx, cfg)
 mesh = sharding.make_mesh()
-assert mesh.devices.size == 4
+assert mesh.devices.size == 4 and jax.process_count() == 2
 rep = sharding.replicated(mesh)
 state = jax.jit(lambda k: train.create_train_state(mc, tx, k), out_shardings=rep)(jax.random.key(0))
-n, i = jax.process_count(), jax.process_index()
-local = {k: v[i * 4 // n : (i + 1) * 4 // n] for k, v in batch.items()}  # this process's share
+i = jax.process_index()
+local = {k: v[i * 2 : (i + 1) * 2] for k, v in batch.items()}  # this process's share
 sharded = sharding.device_batch(local, mesh)
 shardings = dict(in_shardings=(rep, sharding.data_sharding(mesh)), out_shardings=(rep, rep))
-four, m4 = jax.jit(step, **shardings)(state, sharded)
-leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(four.params)]
-if n == 1:  # also the same global batch on one device
-  one, m1 = jax.jit(step, device=jax.devices()[0])(state0, batch)
-  np.testing.assert_allclose(m4['loss_occ'], m1['loss_occ'], rtol=1e-5)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)  # noqa: E731
-  jax.tree.map(close, four.params, one.params)
-if i == 0:
-  np.savez(sys.argv[1], loss=np.asarray(m4['loss_occ'].addressable_data(0)), *leaves)
+with jax.set_mesh(mesh):  # as train.py: the sampling ops run per device
+  compiled = jax.jit(step, **shardings).lower(state, sharded).compile()
+  four, m4 = compiled(state, sharded)
+# Each device computes its own samples: XLA gathers no batch data across devices.
+gathers = compiled.as_text().count(' all-gather(') + compiled.as_text().count(' all-gather-start(')
+if i == 0:  # the whole global batch through one device of this process, from the same state
+  mine = jax.tree.map(lambda x: x.addressable_data(0), state)
+  one, m1 = jax.jit(step, device=jax.local_devices()[0])(mine, batch)
+  first = lambda tree: [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(tree)]  # noqa: E731
+  np.savez(
+    sys.argv[1],
+    loss4=np.asarray(m4['loss_occ'].addressable_data(0)),
+    loss1=np.asarray(m1['loss_occ']),
+    gathers=gathers,
+    **{f'four_{j}': x for j, x in enumerate(first(four.params))},
+    **{f'one_{j}': x for j, x in enumerate(first(one.params))},
+  )
 print('ok')
 """
 
 
-def _start_devices(out, processes, devices_each, port):
+def _run_devices(out, processes, devices_each, port):
   env = {
     **os.environ,
     'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} '
     f'--xla_force_host_platform_device_count={devices_each}',
     'JAX_PLATFORMS': 'cpu',
+    'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
+    'JAX_NUM_PROCESSES': str(processes),
   }
-  if processes > 1:
-    env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(processes))
-  return [
+  procs = [
     subprocess.Popen(
       [sys.executable, '-c', _DEVICES, str(out)],
       env={**env, 'JAX_PROCESS_ID': str(p)},
@@ -118,9 +125,6 @@ def _start_devices(out, processes, devices_each, port):
     )
     for p in range(processes)
   ]
-
-
-def _finish_devices(out, procs):
   for proc in procs:
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0 and 'ok' in stdout, stderr[-3000:]
@@ -128,24 +132,24 @@ def _finish_devices(out, procs):
     return {k: z[k] for k in z.files}
 
 
-@pytest.mark.slow(seconds=160)
+@pytest.mark.slow(seconds=110)
 def test_devices_and_processes_agree(tmp_path):
-  """1 process x 4 devices == 1 device on the same global batch; 2 processes x 2 devices (gloo
-  collectives over jax.distributed on localhost) == 1 process x 4 devices. The two set-ups run
-  at the same time (each compiles mostly on one core)."""
+  """2 processes x 2 devices (gloo collectives over jax.distributed on localhost), the batch
+  split over the four devices, give one device's step on the whole batch; the step gathers no
+  batch data across devices."""
   import socket
 
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  single = _start_devices(tmp_path / 'one.npz', 1, 4, port)
-  multi = _start_devices(tmp_path / 'two.npz', 2, 2, port)
-  single = _finish_devices(tmp_path / 'one.npz', single)
-  multi = _finish_devices(tmp_path / 'two.npz', multi)
-  assert single.keys() == multi.keys()
-  for k in single:
+  got = _run_devices(tmp_path / 'out.npz', 2, 2, port)
+  np.testing.assert_allclose(got['loss4'], got['loss1'], rtol=1e-5)
+  assert got['gathers'] == 0
+  n = sum(k.startswith('one_') for k in got)
+  assert n > 10 and n == sum(k.startswith('four_') for k in got)
+  for j in range(n):
     # Adam normalises near-zero gradients, so summation order shows at ~1e-7 there.
-    np.testing.assert_allclose(multi[k], single[k], rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(got[f'four_{j}'], got[f'one_{j}'], rtol=2e-4, atol=2e-6)
 
 
 @pytest.mark.slow(seconds=75)

@@ -358,7 +358,8 @@ def train_and_evaluate(config, workdir: str, data_dir: str | None = None) -> Run
   try:
     while step < total_steps:
       batch = sharding.device_batch(next(data_iter), mesh)
-      state, metrics = step_fn(state, batch)
+      with jax.set_mesh(mesh):  # the sampling ops then run per device (ops.batch_parallel)
+        state, metrics = step_fn(state, batch)
       step += 1
       # Metrics are read one step late, so the host never waits on the step it just dispatched.
       if pending is not None:

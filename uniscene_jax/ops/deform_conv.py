@@ -65,8 +65,8 @@ def modulated_deform_conv2d(
   hp = h + bilinear.PAD_LO + bilinear.PAD_HI
   # The table is read in float32 so that the scatter-add of the input gradient accumulates in
   # float32 too (bfloat16 sums of the 36 corner contributions lose a few times more).
-  table = bilinear.pad_map(x, (1, 2)).reshape(-1, cin).astype(jnp.float32)
-  base = (jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * hp + iy) * wp + ix
+  table = bilinear.pad_map(x, (1, 2)).reshape(b, hp * wp, cin).astype(jnp.float32)
+  base = iy * wp + ix  # row of the top-left corner in its own image's padded map
   mod = mask.astype(jnp.float32) * region
   per_tap = tuple(jnp.moveaxis(a, -1, 0) for a in (base, fx, fy, mod))  # [K, B, H', W'] each
   kernels = kernel.reshape(taps, cin, cout).astype(x.dtype)  # row k = i * kw + j
@@ -78,8 +78,11 @@ def modulated_deform_conv2d(
   def tap(inputs):
     bk, fxk, fyk, mk, kk = inputs
     fxk, fyk, mk = fxk[..., None], fyk[..., None], mk[..., None]
-    top = (1 - fxk) * table[bk] + fxk * table[bk + 1]
-    bottom = (1 - fxk) * table[bk + wp] + fxk * table[bk + wp + 1]
+    # Rows of each image's own table (a gather with the batch as a batching dimension), so
+    # that with the batch sharded over devices every device samples only its own images.
+    rows = lambda r: jax.vmap(lambda t, i: t[i])(table, r)  # noqa: E731
+    top = (1 - fxk) * rows(bk) + fxk * rows(bk + 1)
+    bottom = (1 - fxk) * rows(bk + wp) + fxk * rows(bk + wp + 1)
     col = (mk * ((1 - fyk) * top + fyk * bottom)).astype(x.dtype)
     return lax.dot_general(col, kk, (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 

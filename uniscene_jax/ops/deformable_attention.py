@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from uniscene_jax.ops import bilinear
+from uniscene_jax.ops.batch_parallel import over_batch
 from uniscene_jax.ops.data_zero import data_zero
 
 
@@ -77,7 +78,8 @@ def ms_deform_attn(
     )
   if chunk_queries is None:
     chunk_queries = max(1, (1 << 14) // (levels * points * 4))
-  out = _msda(shapes, int(chunk_queries), value, sampling_locations, attention_weights)
+  msda = over_batch(functools.partial(_msda, shapes, int(chunk_queries)))
+  out = msda(value, sampling_locations, attention_weights)
   return out.reshape(b, q, heads * dh)
 
 
