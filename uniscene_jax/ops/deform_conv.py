@@ -74,6 +74,8 @@ def modulated_deform_conv2d(
   # One tap's contribution, recomputed in the backward from its per-tap inputs: the backward
   # then holds one tap's sampled columns ([B, H', W', Cin]) at a time, and the forward keeps
   # nothing of them. It takes no running sum, so the loop keeps no per-tap copy of one either.
+  # (Inside a loop the residuals are chosen when JAX differentiates the loop, so this holds on
+  # XLA:CPU too, unlike `jax.checkpoint` in straight-line code; see models.remat.)
   @jax.checkpoint
   def tap(inputs):
     bk, fxk, fyk, mk, kk = inputs
@@ -87,10 +89,13 @@ def modulated_deform_conv2d(
     return lax.dot_general(col, kk, (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
   # A loop, not nine unrolled taps: XLA compiles one tap instead of nine (the unrolled forward
-  # and backward are about 2,000 operations per convolution, each R101 DCN block has one).
+  # and backward are about 2,000 operations per convolution, each R101 DCN block has one). The
+  # sum starts from zeros computed per pixel from the (always finite) sampling fractions, not
+  # from a constant, which XLA would allocate at the start of the program, nor from one element
+  # of the batch, which would be sent to every device when the batch is sharded.
   out, _ = lax.scan(
     lambda acc, inputs: (acc + tap(inputs), None),
-    jnp.zeros((b, ho, wo, cout), jnp.float32),
+    jnp.zeros((b, ho, wo, cout), jnp.float32) + 0 * fx[..., :1],
     per_tap + (kernels,),
   )
   return out.astype(x.dtype)
