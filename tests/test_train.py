@@ -89,7 +89,8 @@ with jax.set_mesh(mesh):  # as train.py: the sampling ops run per device
   compiled = jax.jit(step, **shardings).lower(state, sharded).compile()
   four, m4 = compiled(state, sharded)
 # Each device computes its own samples: XLA gathers no batch data across devices.
-gathers = compiled.as_text().count(' all-gather(') + compiled.as_text().count(' all-gather-start(')
+hlo = compiled.as_text()
+gathers = hlo.count(' all-gather(') + hlo.count(' all-gather-start(')
 if i == 0:  # the whole global batch through one device of this process, from the same state
   mine = jax.tree.map(lambda x: x.addressable_data(0), state)
   one, m1 = jax.jit(step, device=jax.local_devices()[0])(mine, batch)
