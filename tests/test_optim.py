@@ -62,7 +62,8 @@ def test_updates_equal_torch_adamw_with_clip_and_groups():
   cfg = optim.OptimConfig(warmup_steps=0, grad_clip_norm=1.0)
   tx = optim.make_optimizer(cfg, steps_per_epoch=10, params=params)
   state = tx.init(params)
-  leaves, tree = jax.tree.flatten(params)
+  assert tx.sizes() == {'backbone': 18, 'head': 24}  # frozen tensors hold no state
+  leaves = jax.tree.leaves(params)
   labels = jax.tree.leaves(optim.path_labels(params))
   tensors = [torch.tensor(np.asarray(x), requires_grad=True) for x in leaves]
   groups = [
@@ -73,24 +74,46 @@ def test_updates_equal_torch_adamw_with_clip_and_groups():
     },
   ]
   topt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+  update = jax.jit(tx.update)
   rng = np.random.default_rng(1)
-  for _ in range(3):
-    grads = [rng.normal(size=x.shape).astype(np.float32) * 3 for x in leaves]
-    updates, state = tx.update(
-      jax.tree.unflatten(tree, [jnp.asarray(g) for g in grads]), state, params
-    )
-    params = optax_apply(params, updates)
-    for t, g, lab in zip(tensors, grads, labels, strict=True):
-      t.grad = None if lab == 'frozen' else torch.from_numpy(g)
-    torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], 1.0)
+  for i in range(3):
+    grads = {
+      k: rng.normal(size=x.shape).astype(np.float32) * 3 for k, x in tx.trainable(params).items()
+    }
+    if i == 2:
+      grads = {k: g * 1e-3 for k, g in grads.items()}  # under the clip norm: not scaled
+    params, state, norm = update({k: jnp.asarray(g) for k, g in grads.items()}, state, params)
+    for t, path in zip(tensors, _paths(params), strict=True):
+      t.grad = torch.from_numpy(grads[path]) if path in grads else None
+    want = torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], 1.0)
+    np.testing.assert_allclose(float(norm), float(want), rtol=1e-6)
     topt.step()
+  assert int(state['count']) == 3
   for x, t, lab, x0 in zip(jax.tree.leaves(params), tensors, labels, leaves, strict=True):
     np.testing.assert_allclose(x, t.detach().numpy(), rtol=1e-5, atol=1e-7)
     if lab == 'frozen':
       np.testing.assert_array_equal(x, x0)
+    else:
+      assert np.abs(np.asarray(x) - np.asarray(x0)).max() > 1e-6
 
 
-def optax_apply(params, updates):
-  import optax
+def test_trainable_and_merge_round_trip():
+  params = _params()
+  tx = optim.make_optimizer(optim.OptimConfig(), 10, params)
+  trainable = tx.trainable(params)
+  assert 'img_backbone/layer2_0/conv1/kernel' in trainable
+  assert 'img_backbone/conv1/kernel' not in trainable and len(trainable) == 5
+  doubled = tx.merge(params, {k: 2 * v for k, v in trainable.items()})
+  for path, x in zip(_paths(params), jax.tree.leaves(params), strict=True):
+    y = _leaf(doubled, path)
+    np.testing.assert_array_equal(y, 2 * x if path in trainable else x)
 
-  return optax.apply_updates(params, updates)
+
+def _paths(tree):
+  return ['/'.join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _leaf(tree, path):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 # Parameter paths ('a/b/c') that the reference never trains.
 FROZEN_PATTERNS = (
@@ -79,41 +78,110 @@ def path_labels(params, frozen_patterns: Sequence[str] = FROZEN_PATTERNS):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(
-  config: OptimConfig, steps_per_epoch: int, params
-) -> optax.GradientTransformation:
-  """The full transformation for a params tree (its paths decide frozen / backbone / head)."""
-  labels = path_labels(params, config.frozen_patterns)
-  frozen = jax.tree.map(lambda label: label == 'frozen', labels)
-  schedule = lr_schedule(
-    config.learning_rate,
-    steps_per_epoch,
-    config.num_epochs,
-    config.warmup_steps,
-    config.warmup_ratio,
-    config.min_lr_ratio,
-  )
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
-  def adamw(mult):
-    return optax.adamw(
-      lambda step: schedule(step) * mult,
-      b1=config.b1,
-      b2=config.b2,
-      eps=config.eps,
-      weight_decay=config.weight_decay,
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """torch AdamW over the trainable parameters, its moments kept as one flat vector per group.
+
+  Frozen tensors are not differentiated at all: the train step takes gradients of
+  `trainable(params)` only ({path: array}), so no backward pass runs through the frozen stem and
+  layer1. The state is {'count', 'mu': {group: [n]}, 'nu': {group: [n]}} (float32) for the groups
+  'backbone' and 'head', each the concatenation of its tensors in tree order: a handful of large
+  element-wise kernels per step instead of several per tensor.
+
+  update(grads, state, params) -> (new params, new state, gradient norm before clipping), with
+  torch's formulas: clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1), then per
+  tensor p * (1 - lr * wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), the learning
+  rate lr_schedule(count) (x backbone_lr_mult for the backbone) with count the updates so far.
+  """
+
+  config: OptimConfig
+  steps_per_epoch: int
+  groups: dict  # group -> tuple of (path, shape)
+
+  @classmethod
+  def create(cls, config: OptimConfig, steps_per_epoch: int, params) -> 'Optimizer':
+    labels = path_labels(params, config.frozen_patterns)
+    groups = {'backbone': [], 'head': []}
+    for (path, leaf), label in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(labels), strict=True
+    ):
+      if label != 'frozen':
+        groups[label].append((_path_name(path), tuple(leaf.shape)))
+    return cls(config, steps_per_epoch, {g: tuple(v) for g, v in groups.items()})
+
+  def schedule(self, step):
+    c = self.config
+    return lr_schedule(
+      c.learning_rate,
+      self.steps_per_epoch,
+      c.num_epochs,
+      c.warmup_steps,
+      c.warmup_ratio,
+      c.min_lr_ratio,
+    )(step)
+
+  def sizes(self) -> dict:
+    return {g: sum(math.prod(s) for _, s in v) for g, v in self.groups.items()}
+
+  def init(self, params) -> dict:
+    del params  # the layout is fixed by the tree given to create()
+    zeros = {g: jnp.zeros((n,), jnp.float32) for g, n in self.sizes().items()}
+    return {'count': jnp.zeros((), jnp.int32), 'mu': zeros, 'nu': dict(zeros)}
+
+  def trainable(self, params) -> dict:
+    """{path: array} of the trainable tensors, the argument to differentiate."""
+    want = {p for v in self.groups.values() for p, _ in v}
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    out = {_path_name(path): x for path, x in leaves if _path_name(path) in want}
+    if len(out) != len(want):
+      missing = sorted(want - set(out))[:3]
+      raise ValueError(f'params: missing trainable tensors {missing} (tree changed since create)')
+    return out
+
+  def merge(self, params, trainable: dict):
+    """params with the tensors named in `trainable` replaced."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree.unflatten(
+      treedef, [trainable.get(_path_name(path), x) for path, x in leaves]
     )
 
-  parts = [optax.masked(optax.set_to_zero(), frozen)]  # frozen grads leave the clip norm too
-  if config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(
-    optax.multi_transform(
-      {
-        'head': adamw(1.0),
-        'backbone': adamw(config.backbone_lr_mult),
-        'frozen': optax.set_to_zero(),
-      },
-      labels,
-    )
-  )
-  return optax.chain(*parts)
+  def update(self, grads: dict, state: dict, params):
+    c = self.config
+    flat = {
+      g: jnp.concatenate([grads[p].reshape(-1).astype(jnp.float32) for p, _ in v])
+      for g, v in self.groups.items()
+      if v
+    }
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in flat.values()))
+    if c.grad_clip_norm > 0:
+      coef = jnp.minimum(c.grad_clip_norm / (norm + 1e-6), 1.0)
+      flat = {g: v * coef for g, v in flat.items()}
+    count = state['count']
+    t = (count + 1).astype(jnp.float32)
+    bc1 = 1.0 - c.b1**t
+    bc2 = 1.0 - c.b2**t
+    lr = self.schedule(count)
+    current = self.trainable(params)
+    mu, nu, new = dict(state['mu']), dict(state['nu']), {}
+    for g, v in flat.items():
+      mu[g] = c.b1 * state['mu'][g] + (1.0 - c.b1) * v
+      nu[g] = c.b2 * state['nu'][g] + (1.0 - c.b2) * jnp.square(v)
+      lr_g = lr * (c.backbone_lr_mult if g == 'backbone' else 1.0)
+      step = (lr_g / bc1) * mu[g] / (jnp.sqrt(nu[g]) / jnp.sqrt(bc2) + c.eps)
+      offset = 0
+      for path, shape in self.groups[g]:
+        n = math.prod(shape)
+        p = current[path]
+        delta = step[offset : offset + n].reshape(shape)
+        new[path] = (p * (1.0 - lr_g * c.weight_decay) - delta).astype(p.dtype)
+        offset += n
+    return self.merge(params, new), {'count': count + 1, 'mu': mu, 'nu': nu}, norm
+
+
+def make_optimizer(config: OptimConfig, steps_per_epoch: int, params) -> Optimizer:
+  """The reference's optimiser for a params tree (its paths decide frozen / backbone / head)."""
+  return Optimizer.create(config, steps_per_epoch, params)

@@ -18,7 +18,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 from absl import logging
 
@@ -103,7 +102,8 @@ def make_train_step(model, tx, config):
       dtype=jnp.dtype(config.model.get('dtype', 'float32')),
     )
 
-    def loss_fn(params):
+    def loss_fn(trainable):
+      params = tx.merge(state.params, trainable)  # frozen tensors enter as constants
       (outputs, aux), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         img,
@@ -119,10 +119,8 @@ def make_train_step(model, tx, config):
       return loss, (aux, terms, updates.get('batch_stats', {}))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (aux, terms, batch_stats)), grads = grad_fn(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    (loss, (aux, terms, batch_stats)), grads = grad_fn(tx.trainable(state.params))
+    params, opt_state, grad_norm = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(state.step + 1, params, batch_stats, opt_state, jax.random.key_data(rng))
     # A non-finite step is not applied: the host stops on `finite` and keeps the last good state.
