@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uniscene_jax.checkpoint import Checkpoints
 
@@ -31,6 +32,9 @@ def test_checkpoints_round_trip_and_keep(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, want)
   assert restored['params']['b'].dtype == jnp.bfloat16
   assert data == b'{"position": 4}'
+  other = dict(abstract, opt_state={'count': jax.ShapeDtypeStruct((), jnp.int32)})
+  with pytest.raises(ValueError, match=r'checkpoints/4: the saved train state is laid out differ'):
+    again.restore(4, other)
   again.close()
 
 

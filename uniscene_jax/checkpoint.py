@@ -44,12 +44,21 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state) -> tuple[object, bytes | None]:
     """(state laid out like `abstract_state` (arrays or ShapeDtypeStructs with shardings), data)."""
-    out = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-      ),
-    )
+    try:
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+      )
+    except ValueError as e:
+      if 'mismatch' not in str(e):
+        raise
+      raise ValueError(
+        f'{self.directory}/{step}: the saved train state is laid out differently from this '
+        f"run's ({e}). It cannot resume; start a new workdir with "
+        f'--config.init_from={os.path.dirname(self.directory)} to warm-start from its weights'
+      ) from e
     data = out['data']
     return out['state'], (json.dumps(data).encode() if data else None)
 
