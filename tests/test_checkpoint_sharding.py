@@ -85,7 +85,8 @@ for name, (fn, args, batched) in cases.items():
     compiled = jax.jit(grad, in_shardings=shard).lower(*args).compile()
   got = compiled(*args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
-  colls = re.findall(r" (all-gather|all-reduce|all-to-all|collective-permute)(?:-start)?[(]", compiled.as_text())
+  kinds = r' (all-gather|all-reduce|all-to-all|collective-permute)(?:-start)?[(]'
+  colls = re.findall(kinds, compiled.as_text())
   # Only sums: the loss over the batch, and for the DCN its kernel gradient.
   assert colls == ['all-reduce'] * {'dcn': 2, 'msda': 1}[name], (name, colls)
 print("ok")
@@ -93,7 +94,10 @@ print("ok")
   flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4'
   env = {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(
-    [sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+    [sys.executable, '-c', code],
+    capture_output=True,
+    text=True,
+    timeout=300,
     env={**os.environ, **env},
   )
   assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-3000:]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import pretrain
+from uniscene_jax import optim
 from uniscene_jax.tools import flops
 from uniscene_jax.tools import visualize as vis
 
@@ -257,9 +258,12 @@ def _manifest_rows(path) -> dict:
 def test_parameter_report_equals_the_manifest_per_module():
   from tests.test_uniscene import MANIFEST
 
-  rows = flops.parameter_rows(flops.abstract_variables(pretrain.get_config())['params'])
+  params = flops.abstract_variables(pretrain.get_config())['params']
+  rows = flops.parameter_rows(params)
   assert sum(r['params'] for r in rows.values()) == 62_897_984
   assert sum(r['trainable'] for r in rows.values()) == 62_570_240
+  # The optimiser's moments cover exactly the tensors with requires_grad in the reference.
+  assert sum(optim.make_optimizer(optim.OptimConfig(), 10, params).sizes().values()) == 62_570_240
   want = _manifest_rows(pathlib.Path(MANIFEST))
   assert {k: [r['params'], r['trainable']] for k, r in rows.items()} == want
   assert len(want) == 14 and want['img_neck'] == [3_278_592, 3_278_592]

@@ -94,7 +94,8 @@ gathers = hlo.count(' all-gather(') + hlo.count(' all-gather-start(')
 if i == 0:  # the whole global batch through one device of this process, from the same state
   mine = jax.tree.map(lambda x: x.addressable_data(0), state)
   one, m1 = jax.jit(step, device=jax.local_devices()[0])(mine, batch)
-  first = lambda tree: [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(tree)]  # noqa: E731
+  def first(tree):
+    return [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(tree)]
   np.savez(
     sys.argv[1],
     loss4=np.asarray(m4['loss_occ'].addressable_data(0)),

@@ -145,9 +145,7 @@ class Optimizer:
   def merge(self, params, trainable: dict):
     """params with the tensors named in `trainable` replaced."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return jax.tree.unflatten(
-      treedef, [trainable.get(_path_name(path), x) for path, x in leaves]
-    )
+    return jax.tree.unflatten(treedef, [trainable.get(_path_name(path), x) for path, x in leaves])
 
   def update(self, grads: dict, state: dict, params):
     c = self.config
