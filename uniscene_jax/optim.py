@@ -89,8 +89,9 @@ class Optimizer:
   Frozen tensors are not differentiated at all: the train step takes gradients of
   `trainable(params)` only ({path: array}), so no backward pass runs through the frozen stem and
   layer1. The state is {'count', 'mu': {group: [n]}, 'nu': {group: [n]}} (float32) for the groups
-  'backbone' and 'head', each the concatenation of its tensors in tree order: a handful of large
-  element-wise kernels per step instead of several per tensor.
+  'backbone' and 'head', each the concatenation of its tensors in tree order: the clipping and
+  the moments are a few large element-wise kernels, and only the parameter update itself stays
+  one kernel per tensor (an optax chain compiled to several per tensor).
 
   update(grads, state, params) -> (new params, new state, gradient norm before clipping), with
   torch's formulas: clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), at most 1), then per
