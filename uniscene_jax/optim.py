@@ -64,22 +64,23 @@ def lr_schedule(
   return schedule
 
 
+def _path_name(path) -> str:
+  """'a/b/c' of a tree path."""
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
 def path_labels(params, frozen_patterns: Sequence[str] = FROZEN_PATTERNS):
   """Tree of 'frozen' | 'backbone' | 'head' per parameter, from its '/'-joined path."""
   frozen = [re.compile(p) for p in frozen_patterns]
   backbone = re.compile(BACKBONE_PATTERN)
 
   def label(path, _):
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path) + '/'
+    name = _path_name(path) + '/'
     if any(p.search(name) for p in frozen):
       return 'frozen'
     return 'backbone' if backbone.search(name) else 'head'
 
   return jax.tree_util.tree_map_with_path(label, params)
-
-
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,8 @@ class Optimizer:
   def trainable(self, params) -> dict:
     """{path: array} of the trainable tensors, the argument to differentiate."""
     want = {p for v in self.groups.values() for p, _ in v}
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    out = {_path_name(path): x for path, x in leaves if _path_name(path) in want}
+    named = ((_path_name(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params))
+    out = {name: x for name, x in named if name in want}
     if len(out) != len(want):
       missing = sorted(want - set(out))[:3]
       raise ValueError(f'params: missing trainable tensors {missing} (tree changed since create)')
