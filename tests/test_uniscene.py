@@ -124,3 +124,39 @@ def test_batch_of_two_and_camera_order(small):
   out = fn(swapped, img[:, :, perm], lidar2img[:, :, perm], ego2lidar, can, exists)
   np.testing.assert_allclose(out, both, atol=1e-4, rtol=1e-4)
   assert dataclasses.is_dataclass(mc)
+
+
+def test_twin_checkpointing_keeps_loss_and_gradients(small):
+  # The benchmark's twin recomputes each block and layer in the backward pass to fit at base
+  # size; that must not change what it computes.
+  mc, _, variables = small
+  img, lidar2img, ego2lidar, can, exists = _queue(1, seed=2)
+  sd = {k: torch.from_numpy(v) for k, v in key_map.to_torch_arrays(variables).items()}
+  args = (
+    torch.from_numpy(img).permute(0, 1, 2, 5, 3, 4),
+    torch.from_numpy(lidar2img),
+    torch.from_numpy(ego2lidar),
+    can.astype(np.float64),
+    list(exists[0]),
+  )
+  grads = []
+  for on in (False, True):
+    twin = make_twin(mc, sd)
+    twin.set_checkpointing(on)
+    recomputed = []
+    for layer in twin.pts_bbox_head.transformer.encoder.layers:
+      layer.attentions[0].register_forward_hook(lambda *_, r=recomputed: r.append(1))
+    block_runs = []
+    twin.img_backbone.layer2[0].conv1.register_forward_hook(lambda *_: block_runs.append(1))
+    logits, _ = twin(*args)
+    (logits.square().mean()).backward()
+    grads.append({n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None})
+    # with checkpointing the current frame's encoder layers and trainable blocks run twice
+    frames, layers = img.shape[1], mc.head.encoder.num_layers
+    assert len(recomputed) == frames * layers + (layers if on else 0)
+    assert len(block_runs) == frames + on
+  assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+  for name, g in grads[0].items():
+    np.testing.assert_allclose(
+      grads[1][name].numpy(), g.numpy(), rtol=1e-5, atol=1e-7, err_msg=name
+    )

@@ -8,6 +8,7 @@ DCN samples with tests/reference/ops_torch.py.
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from tests.reference import ops_torch
@@ -45,8 +46,14 @@ class Bottleneck(nn.Module):
       self.downsample = nn.Sequential(
         nn.Conv2d(cin, 4 * planes, 1, stride, bias=False), nn.BatchNorm2d(4 * planes)
       )
+    self.with_cp = False  # as mmdet's with_cp: recompute the block in the backward pass
 
   def forward(self, x):
+    if self.with_cp and torch.is_grad_enabled():
+      return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+    return self._forward(x)
+
+  def _forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
     out = F.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))

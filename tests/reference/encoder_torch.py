@@ -9,6 +9,7 @@ keys (`layers.0.attentions.1.deformable_attention.sampling_offsets.weight`, ...)
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from tests.reference.occupancy_torch import rotate_torch
@@ -121,6 +122,28 @@ class Layer(nn.Module):
     )
     self.norms = nn.ModuleList([nn.LayerNorm(dims) for _ in range(3)])
     self.ffns = nn.ModuleList([FFN(dims, ffn)])
+    self.with_cp = False  # recompute the layer in the backward pass
+
+  def forward(self, x, bev_pos, value, hybrid, feats, ref_cam, bev_mask, shapes):
+    if self.with_cp and torch.is_grad_enabled():
+      return torch.utils.checkpoint.checkpoint(
+        self._forward,
+        x,
+        bev_pos,
+        value,
+        hybrid,
+        feats,
+        ref_cam,
+        bev_mask,
+        shapes,
+        use_reentrant=False,
+      )
+    return self._forward(x, bev_pos, value, hybrid, feats, ref_cam, bev_mask, shapes)
+
+  def _forward(self, x, bev_pos, value, hybrid, feats, ref_cam, bev_mask, shapes):
+    x = self.norms[0](self.attentions[0](x, bev_pos, value, hybrid))
+    x = self.norms[1](self.attentions[1](x, feats, ref_cam, bev_mask, shapes))
+    return self.norms[2](self.ffns[0](x))
 
 
 class EncoderTorch(nn.Module):
@@ -213,9 +236,5 @@ class EncoderTorch(nn.Module):
     feats_t = feats.permute(1, 2, 0, 3)  # (N, L, B, C)
     x = bev_query
     for layer in self.layers:
-      x = layer.attentions[0](x, bev_pos, value, hybrid)
-      x = layer.norms[0](x)
-      x = layer.attentions[1](x, feats_t, ref_cam, bev_mask, cfg.spatial_shapes)
-      x = layer.norms[1](x)
-      x = layer.norms[2](layer.ffns[0](x))
+      x = layer(x, bev_pos, value, hybrid, feats_t, ref_cam, bev_mask, cfg.spatial_shapes)
     return x

@@ -20,6 +20,13 @@ class UniSceneOccTorch(nn.Module):
     self.img_neck = FPN(widths, enc_cfg.embed_dims, 4)
     self.pts_bbox_head = BEVHeadTorch(enc_cfg, occ_cfg, num_cams)
 
+  def set_checkpointing(self, on: bool) -> None:
+    """Recompute each backbone block and each encoder layer in the backward pass (the JAX
+    model's remat_backbone + remat_encoder; mmdet's with_cp)."""
+    for module in self.modules():
+      if hasattr(module, 'with_cp'):
+        module.with_cp = on
+
   def features(self, img):
     """img (B, N, 3, H, W) -> per level (B, N, C, h, w)."""
     b, n = img.shape[:2]
