@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from uniscene_jax.models.initializers import torch_default_bias, xavier
+from uniscene_jax.ops import conv as conv_ops
 
 
 class GroupBatchNorm(nn.Module):
@@ -78,6 +79,7 @@ class ConvBnRelu3d(nn.Module):
       kernel_init=xavier,  # the reference's transformer init_weights
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      conv_general_dilated=conv_ops.conv_general_dilated,  # 2-D over depth slices: 3-10x faster
       name='conv',
     )(x)
     x = GroupBatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name='bn')(x, train)
