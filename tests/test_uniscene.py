@@ -147,7 +147,7 @@ def test_twin_checkpointing_keeps_loss_and_gradients(small):
     for layer in twin.pts_bbox_head.transformer.encoder.layers:
       layer.attentions[0].register_forward_hook(lambda *_, r=recomputed: r.append(1))
     block_runs = []
-    twin.img_backbone.layer2[0].conv1.register_forward_hook(lambda *_: block_runs.append(1))
+    twin.img_backbone.layer2[0].conv1.register_forward_hook(lambda *_, r=block_runs: r.append(1))
     logits, _ = twin(*args)
     (logits.square().mean()).backward()
     grads.append({n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None})

@@ -31,11 +31,11 @@ convolutions above (6 x 58 x 100, 1024 -> 256 channels: 143 ms against 401 forwa
 XLA:CPU's 3-D convolution has no fast kernel: 3-7x slower than torch's, forward and backward
 (the occupancy head's 3 x 3 x 3 ones at 16 x 200 x 200, 16 > 32 channels: 0.65 s forward and
 2.7 s forward + backward, torch 0.19 s and 0.92 s; at `:local`'s 16 x 50 x 50, 2 > 16: 30 ms and
-98 ms, torch 4 and 14). A 3-D convolution is a 2-D one over the output's depth slices whose input
-channels are the kernel's depth taps side by side (the depth-padded input sliced KD times and
-concatenated on channels, KD x the input's size, made again in the backward rather than kept):
-forward 0.30 s and 2 ms at those sizes, and with the explicit 2-D backward above about 1 s and
-6 ms forward + backward.
+98 ms, torch 4 and 14). Its forward here is a 2-D convolution over the output's depth slices
+whose input channels are the kernel's depth taps side by side (the depth-padded input sliced KD
+times and concatenated on channels): 0.27-0.34 s and 3 ms at those sizes. Its backward stays
+lax's: the 2-D form's was twice as fast but needs the stacked taps and their gradient, which
+raised the base train step's compiled peak (see `_conv3d_bwd`).
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature (so that `flax.linen.Conv` can
 take it). For NHWC / HWIO convolutions with no dilation and no feature groups it uses a dot when the
@@ -246,27 +246,22 @@ def _conv3d(x, kernel, pads, precision):
 
 
 def _conv3d_fwd(x, kernel, pads, precision):
-  # Only x is kept: the depth taps (KD times its size) are made again in the backward.
   return _conv3d(x, kernel, pads, precision), (x, kernel)
 
 
 def _conv3d_bwd(pads, precision, residuals, g):
+  # lax's own 3-D backward. The 2-D form's backward (the depth taps stacked, or one tap at a
+  # time) was about 2x faster but raised the base train step's compiled peak by 0.66-0.9 GB
+  # (bfloat16 7.76 -> 8.11 GB, over its 8 GB goal), as the head's backward runs at the peak.
   x, kernel = residuals
-  kd, kh, kw, i, o = kernel.shape
-  n, d = x.shape[:2]
-  out_d = g.shape[1]
-  taps = _depth_taps(x, kd, pads[0])
-  g2 = g.reshape(n * out_d, *g.shape[2:]).astype(x.dtype)
-  d_taps, dk = _conv2d_grads(taps, _planar_kernel(kernel), pads[1:], precision, g2)
-  # Each depth tap's gradient goes back to the input slices it was read from.
-  d_taps = d_taps.reshape(n, out_d, *x.shape[2:4], kd, i)
-  lo = pads[0][0]
-  dx = sum(
-    jnp.pad(d_taps[..., t, :], ((0, 0), (t, kd - 1 - t), (0, 0), (0, 0), (0, 0))) for t in range(kd)
+  _, vjp = jax.vjp(
+    lambda x, k: lax.conv_general_dilated(
+      x, k, (1, 1, 1), pads, dimension_numbers=_NDHWC, precision=precision
+    ),
+    x,
+    kernel,
   )
-  dx = lax.slice_in_dim(dx, lo, lo + d, axis=1)
-  dk = dk.reshape(kh, kw, kd, i, o).transpose(2, 0, 1, 3, 4)
-  return dx, dk.astype(kernel.dtype)
+  return vjp(g.astype(x.dtype))
 
 
 _conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)

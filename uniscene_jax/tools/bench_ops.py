@@ -11,7 +11,8 @@ from the repository root. Inputs are random: values N(0, 1), locations uniform i
 Convolutions (the backbone's and the FPN's, at the base shapes) run twice on the JAX side: through
 `ops.conv` (1 x 1 kernels as dots, the written-out backward) and, in the row marked `lax`, through
 `lax.conv_general_dilated` with autodiff's backward, the plain way; the torch column is
-`F.conv2d`.
+`F.conv2d`. The occupancy head's 3 x 3 x 3 convolutions (rows `conv3d`, at their base shapes: 16
+height cells of a 200 x 200 BEV) go the same two ways against `F.conv3d`.
 """
 
 import argparse
@@ -53,10 +54,14 @@ class ConvCase:
   cout: int
   kernel: int
   lax: bool = False  # lax.conv_general_dilated and autodiff instead of ops.conv
+  depth: int = 0  # > 0: a 3-D convolution over [batch, depth, height, width, channels]
 
 
-def _conv_pair(name, *shape):
-  return ConvCase(name, *shape), ConvCase(name.replace('conv ', 'lax  ', 1), *shape, lax=True)
+def _conv_pair(name, *shape, depth=0):
+  return (
+    ConvCase(name, *shape, depth=depth),
+    ConvCase('lax' + name[len('conv') :], *shape, lax=True, depth=depth),
+  )
 
 
 FULL = (
@@ -68,6 +73,8 @@ FULL = (
   *_conv_pair('conv 1x1 layer3 6x58x100 256>1024', 6, 58, 100, 256, 1024, 1),
   *_conv_pair('conv 3x3 layer2 6x116x200 c128', 6, 116, 200, 128, 128, 3),
   *_conv_pair('conv 3x3 FPN 6x116x200 c256', 6, 116, 200, 256, 256, 3),
+  *_conv_pair('conv3d occ 16x200x200 16>32', 1, 200, 200, 16, 32, 3, depth=16),
+  *_conv_pair('conv3d occ 16x200x200 32>32', 1, 200, 200, 32, 32, 3, depth=16),
 )
 QUICK = (
   MsdaCase('TSA  2x50x50 q2500 L1 P4', 2, ((50, 50),), 2500, 4),
@@ -75,6 +82,7 @@ QUICK = (
   DcnCase('DCN  2x15x25 c64 3x3', 2, 15, 25, 64),
   *_conv_pair('conv 1x1 2x15x25 128>64', 2, 15, 25, 128, 64, 1),
   *_conv_pair('conv 3x3 2x64x64 c128', 2, 64, 64, 128, 128, 3),
+  *_conv_pair('conv3d 16x50x50 2>16', 1, 50, 50, 2, 16, 3, depth=16),
 )
 
 
@@ -108,11 +116,12 @@ def _dcn_inputs(case, rng):
 
 
 def _conv_inputs(case, rng):
-  x = rng.standard_normal((case.batch, case.height, case.width, case.cin), np.float32)
-  shape = (case.kernel, case.kernel, case.cin, case.cout)
-  kernel = (rng.standard_normal(shape) / np.sqrt(case.kernel**2 * case.cin)).astype(np.float32)
-  g = rng.standard_normal((case.batch, case.height, case.width, case.cout), np.float32)
-  return x, kernel, g
+  lead = (case.batch, case.depth) if case.depth else (case.batch,)
+  taps = (case.kernel,) * (3 if case.depth else 2)
+  x = rng.standard_normal((*lead, case.height, case.width, case.cin), np.float32)
+  kernel = rng.standard_normal((*taps, case.cin, case.cout)) / np.sqrt(np.prod(taps) * case.cin)
+  g = rng.standard_normal((*lead, case.height, case.width, case.cout), np.float32)
+  return x, kernel.astype(np.float32), g
 
 
 def _jax_fns(case):
@@ -127,7 +136,8 @@ def _jax_fns(case):
     op = lambda v, loc, aw: ms_deform_attn(v, case.levels, loc, aw)
   elif isinstance(case, ConvCase):
     conv_fn = lax.conv_general_dilated if case.lax else conv.conv_general_dilated
-    op = lambda x, k: conv_fn(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    dn = ('NDHWC', 'DHWIO', 'NDHWC') if case.depth else ('NHWC', 'HWIO', 'NHWC')
+    op = lambda x, k: conv_fn(x, k, (1,) * (len(dn[0]) - 2), 'SAME', dimension_numbers=dn)
   else:
     op = lambda x, off, m, k: modulated_deform_conv2d(x, off, m, k, 1, 1, 1)
   fwd = jax.jit(op)
@@ -149,6 +159,9 @@ def _torch_fns(case):
   if isinstance(case, MsdaCase):
     op = lambda v, loc, aw: ops_torch.ms_deform_attn(v, case.levels, loc, aw)
     layouts = (None, None, None, None)
+  elif isinstance(case, ConvCase) and case.depth:
+    op = lambda x, k: torch.nn.functional.conv3d(x, k, padding=case.kernel // 2)
+    layouts = ((0, 4, 1, 2, 3), (4, 3, 0, 1, 2), (0, 4, 1, 2, 3))
   elif isinstance(case, ConvCase):
     op = lambda x, k: torch.nn.functional.conv2d(x, k, padding=case.kernel // 2)
     layouts = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
