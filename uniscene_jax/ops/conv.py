@@ -20,8 +20,8 @@ i * Wp + j further on, a contiguous slice, so no shifted copy of the input is ga
 per image, and from 16 channels at 16384 pixels (`TAP_DOTS_RULES`). Below, XLA's convolution is
 often as fast or faster, but erratically so (6 x 48 x 80 x 128: 93-156 ms against 110-123 ms;
 24 x 64 x 104, 16 channels in: 16 ms against 36 with 16 out, 155 ms against 46 with 27 out), and
-it stays. Above: 6 x 116 x 200, 64 channels: 1.31 s against 0.24 s; the occupancy head's
-16 x 200 x 200, 48 > 32 channels (below): 2.18 s against 0.47 s.
+it stays. Above: 6 x 116 x 200, 64 channels: 1.31 s against 0.24 s; 16 x 200 x 200, 48 > 32
+channels: 2.18 s against 0.47 s.
 
 A 1 x 1 convolution is a matrix product over the channels, and XLA:CPU runs it 1.5-3x faster as
 a dot than as a convolution, and its backward (two more dots) 3-6x faster than as the two
@@ -161,11 +161,6 @@ def _conv2d_fwd(x, kernel, pads, precision):
 
 def _conv2d_bwd(pads, precision, residuals, g):
   x, kernel = residuals
-  return _conv2d_grads(x, kernel, pads, precision, g)
-
-
-def _conv2d_grads(x, kernel, pads, precision, g):
-  """(d loss / d x, d loss / d kernel) of `_conv(x, kernel, pads)` given its output gradient g."""
   kh, kw = kernel.shape[:2]
   g = g.astype(x.dtype)
   # Input gradient: g convolved with the spatially flipped kernel, I and O swapped.
