@@ -3,6 +3,7 @@ r"""Benchmark: the whole pre-training train step, JAX against the PyTorch twin, 
     python -m uniscene_jax.tools.bench_model [--preset base] [--queue 4] [--repeats 3]
         [--skip_torch] [--skip_run] [--quick] [--image_size H W] [--variants ...]
         [--memory_scheduler] [--run_dtype auto] [--run_remat auto] [--twin_remat auto]
+        [--twin_only]
 
 Three parts, on the configs/pretrain.py preset (default `base`: 6 cameras of 900 x 1600 padded to
 928 x 1600, R101-DCN + FPN, BEV 200 x 200 x 256, 6 encoder layers, queue 4, one sample):
@@ -33,6 +34,9 @@ Three parts, on the configs/pretrain.py preset (default `base`: 6 cameras of 900
    does not fit in 24 GB at base size. The child runs under an address-space limit
    (the available RAM less a margin); if the train step does not fit there, it reports the
    forward alone (all frames under no_grad) instead, and says so.
+   --twin_only runs the twin alone (with recompute unless --twin_remat off), from the same
+   initial weights, for a twin step too long to run in the same session as the JAX one; the JAX
+   process then holds no compiled step while the twin runs.
 3. A table of all figures, with the goals: JAX time at most 0.5 x the twin's, peak at most 14 GB
    (float32) and 8 GB (bfloat16), compile at most 90 s.
 
@@ -432,6 +436,33 @@ def _pick_run(results, want_dtype: str, want_remat: str, budget: int):
   return None
 
 
+def _twin_only(args, cfg) -> None:
+  """The twin's step alone, from the initial weights of the JAX run's state (same seed)."""
+  import jax
+
+  _, _, init, _ = build_step(cfg)
+  state = init(jax.random.key(cfg.seed))
+  variables = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
+  del state
+  recompute = args.twin_remat != 'off'
+  print(f'\nRunning the PyTorch twin alone (recompute {recompute}) ...', flush=True)
+  limit = max(int(available_bytes() - 2 * GB), 2 * int(GB))
+  tres = time_torch(args, cfg, variables, limit, recompute)
+  if 'median_s' not in tres:
+    print(f'torch twin failed: {tres.get("error")}')
+    return
+  runs = ' '.join(f'{t:.1f}' for t in tres['times'])
+  print(
+    f'torch twin ({tres["mode"]}, {tres["threads"]} thr): median {tres["median_s"]:.2f} s, '
+    f'warm-up {tres["warm_s"]:.2f} s, runs {runs}, peak RSS {tres["peak_rss_bytes"] / GB:.2f} GB'
+  )
+  if 'train_error' in tres:
+    print(f'  the twin train step did not fit in {limit / GB:.1f} GB: {tres["train_error"]}')
+  else:
+    print(f'  loss_occ {tres["loss"]:.5f}')
+  print(f'load average at the end: {load_average()}')
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--preset', default='base', help='configs/pretrain.py preset')
@@ -461,6 +492,9 @@ def main(argv=None) -> None:
     choices=('auto', 'off', 'on'),
     help='recompute blocks and layers in the twin backward (auto: as the JAX run)',
   )
+  p.add_argument(
+    '--twin_only', action='store_true', help='run the twin alone, from the same initial weights'
+  )
   p.add_argument('--_torch_child', default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._torch_child:
@@ -489,6 +523,10 @@ def main(argv=None) -> None:
     f'{m.num_layers} layers, queue {args.queue}, batch 1'
   )
   print(f'load average {load_average()}; available RAM {available_bytes() / GB:.1f} GB', flush=True)
+
+  if args.twin_only:
+    _twin_only(args, base)
+    return
 
   # 1. Compile and memory.
   results = []
